@@ -1,0 +1,89 @@
+"""Which backend each public op uses: a CUDA kernel, or the PyTorch path.
+
+An op runs its CUDA kernel when (1) the kernel exists in the compiled extension,
+(2) the inputs are on a GPU the extension has machine code for, and (3) the inputs are
+inside the kernel's envelope (dtype, head dims). Otherwise it runs the PyTorch path,
+which is always correct and differentiable. ``FLA_CUDA_BACKEND=torch`` forces the
+PyTorch path everywhere (debugging, A/B comparisons).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import _extension
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    cpp_op: str                      # name under torch.ops.fla_cuda
+    dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32)
+    max_head_dim: int = 256
+
+
+_RECURRENT = KernelSpec("recurrent_fwd")
+
+# Every public op of the library, in the order `python -m fla_cuda info` lists them,
+# mapped to its CUDA kernel (None: PyTorch path only, the kernel has not landed yet).
+OPS: dict[str, KernelSpec | None] = {
+    "chunk_simple_gla": None,
+    "fused_chunk_simple_gla": None,
+    "parallel_simple_gla": None,
+    "fused_recurrent_simple_gla": _RECURRENT,
+    "chunk_linear_attn": None,
+    "fused_chunk_linear_attn": None,
+    "fused_recurrent_linear_attn": _RECURRENT,
+    "chunk_retention": None,
+    "fused_chunk_retention": None,
+    "parallel_retention": None,
+    "fused_recurrent_retention": _RECURRENT,
+    "chunk_gla": None,
+    "fused_recurrent_gla": _RECURRENT,
+    "chunk_delta_rule": None,
+    "fused_recurrent_delta_rule": _RECURRENT,
+    "chunk_gated_delta_rule": None,
+    "fused_recurrent_gated_delta_rule": _RECURRENT,
+    "chunk_iplr_delta_rule": None,
+    "fused_recurrent_iplr_delta_rule": _RECURRENT,
+    "chunk_dplr_delta_rule": None,
+    "fused_recurrent_dplr_delta_rule": _RECURRENT,
+}
+
+
+def forced_torch() -> bool:
+    return os.environ.get("FLA_CUDA_BACKEND", "").lower() == "torch"
+
+
+def kernel_available(op: str) -> bool:
+    """The op's CUDA kernel is compiled into the loaded extension."""
+    spec = OPS[op]
+    return (spec is not None and _extension.HAS_EXTENSION
+            and hasattr(torch.ops.fla_cuda, spec.cpp_op))
+
+
+def use_cuda(op: str, x: torch.Tensor, *head_dims: int) -> bool:
+    """Whether a call of ``op`` on inputs like ``x`` (and these head dims) runs its kernel."""
+    if forced_torch() or not x.is_cuda or not kernel_available(op):
+        return False
+    spec = OPS[op]
+    if x.dtype not in spec.dtypes or any(d > spec.max_head_dim for d in head_dims):
+        return False
+    return _extension.cuda_arch_supported(x.device)
+
+
+def describe(device: torch.device | str) -> dict[str, str]:
+    """op -> 'cuda kernel' | 'pytorch' for typical (bf16, head dim 128) inputs on ``device``."""
+    device = torch.device(device)
+    out = {}
+    for op, spec in OPS.items():
+        if device.type == "cuda" and not forced_torch() and kernel_available(op) \
+                and _extension.cuda_arch_supported(device):
+            out[op] = "cuda kernel"
+        elif device.type == "cuda" and spec is not None and kernel_available(op):
+            out[op] = "pytorch (no machine code for this GPU)" if not forced_torch() else "pytorch (forced)"
+        else:
+            out[op] = "pytorch" + ("" if device.type == "cpu" or spec is not None
+                                   else " (CUDA kernel not written yet)")
+    return out

@@ -1,0 +1,64 @@
+"""Helpers shared by the PyTorch paths of every family."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) along the last dim, in fp32 (FLA's in-kernel l2norm)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def seq_bounds(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[tuple[int, int]]:
+    if cu_seqlens is None:
+        return [(0, T)] * B
+    vals = cu_seqlens.tolist()
+    return list(zip(vals[:-1], vals[1:]))
+
+
+def per_sequence(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    cu_seqlens: torch.Tensor | None,
+    seq_tensors: Sequence[torch.Tensor | None],
+    initial_state: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a dense (batched) PyTorch path over packed variable-length sequences.
+
+    ``seq_tensors`` are [1, T, ...] tensors split along T at ``cu_seqlens``;
+    ``fn(*pieces, initial_state=h0_i, **kwargs)`` must return ``(o_i, ht_i)`` with
+    o_i [1, T_i, ...] and ht_i [1, ...]. Outputs are concatenated along T and final
+    states stacked along N. Without ``cu_seqlens`` this is a single call.
+    Empty sequences keep their initial state (zeros if none).
+    """
+    if cu_seqlens is None:
+        return fn(*seq_tensors, initial_state=initial_state, **kwargs)
+    outs, states = [], []
+    for i, (bos, eos) in enumerate(seq_bounds(cu_seqlens, 1, 0)):
+        pieces = [None if t is None else t[:, bos:eos] for t in seq_tensors]
+        h0 = None if initial_state is None else initial_state[i:i + 1]
+        o, ht = fn(*pieces, initial_state=h0, **kwargs)
+        outs.append(o)
+        states.append(ht)
+    o = torch.cat(outs, dim=1)
+    ht = None if states[0] is None else torch.cat(states, dim=0)
+    return o, ht
+
+
+def pad_to_chunks(x: torch.Tensor, chunk: int, dim: int = 1, value: float = 0.0) -> torch.Tensor:
+    """Pad ``dim`` up to a multiple of ``chunk`` (zero keys/values and zero log-gates are neutral)."""
+    n = x.shape[dim]
+    pad = (-n) % chunk
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+def flip_time(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Reverse the time axis (dim 1) of [B, T, ...] tensors, for ``reverse=True`` scans."""
+    return [None if t is None else t.flip(1) for t in tensors]
