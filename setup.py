@@ -102,7 +102,9 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join(ROOT, pattern)))
     sources = [os.path.relpath(os.path.join(ROOT, s), ROOT) for s in sources]
     include_dirs = [os.path.join(ROOT, d) for d in cfg["include_dirs"]] + [cutlass]
-    defines = [f"-D{d}" for d in cfg["defines"]]
+    # torch's BuildExtension adds -DPy_LIMITED_API=0x030A0000 itself for py_limited_api
+    # extensions; build.json keeps it for the CMake build.
+    defines = [f"-D{d}" for d in cfg["defines"] if not d.startswith("Py_LIMITED_API")]
     nvcc = cfg["nvcc_flags"] + defines + _arch_flags(archs)
     nvcc.append(f"--threads={os.environ.get('NVCC_THREADS', '1')}")
     cxx = cfg["cxx_flags"] + defines

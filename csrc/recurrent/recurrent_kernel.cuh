@@ -1,0 +1,478 @@
+// Generic fused recurrent kernels (forward and backward); see recurrent.h for the math.
+//
+// Thread block = one (sequence, value head, tile of 32 value columns). Lane c of every
+// warp owns column c of the tile; warp w owns state rows w, w + W, w + 2W, ... so each
+// thread keeps R = KMAX / W state values in registers and every state load/store of a
+// warp is one coalesced 128-byte row segment. Per step the K-vectors (q, k, a, b,
+// exp(gk)) are staged in shared memory (one element per thread); reductions over K
+// (S^T q, S^T k, a^T S ...) are per-thread FMA chains, then a fixed-order sum across
+// warps in shared memory: deterministic.
+//
+// Backward: the forward saves S every kRecurrentCkpt steps. The backward walks the
+// segments from last to first: it replays a segment from its checkpoint, parking the
+// pre-step states in a per-block scratch buffer, then steps backwards through it with
+// dS in registers. Gradients of K-vectors are reduced over the block's 32 columns with
+// a butterfly reduce-scatter across lanes and written as per-value-tile partials that the
+// host sums in a fixed order (no atomics).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "common/cuda_check.h"
+#include "recurrent/recurrent.h"
+
+namespace fla {
+namespace recurrent {
+
+constexpr int BV = kRecurrentBV;
+constexpr int CKPT = kRecurrentCkpt;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <int KMAX>
+struct Layout {
+  static constexpr int kWarps = KMAX <= 128 ? 4 : 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = KMAX / kWarps;  // state rows per thread: warp + kWarps * i
+  static_assert(kRows == 16 || kRows == 32, "reduce-scatter handles 16 or 32 rows per thread");
+  static_assert(KMAX <= kThreads, "one staged K-vector element per thread");
+};
+
+// Slots of the per-step K-vectors in shared memory.
+enum Vec { kQ = 0, kK = 1, kA = 2, kB = 3, kAlpha = 4, kNumVec = 5 };
+
+struct SeqInfo {
+  int64_t bos;  // first token of the sequence in the packed [B*T] axis
+  int len;
+  int64_t ckpt_base;  // first checkpoint slot of the sequence
+};
+
+__device__ __forceinline__ SeqInfo seq_info(const RecurrentParams& p, int n) {
+  SeqInfo s;
+  if (p.cu_seqlens) {
+    s.bos = p.cu_seqlens[n];
+    s.len = static_cast<int>(p.cu_seqlens[n + 1] - s.bos);
+  } else {
+    s.bos = static_cast<int64_t>(n) * p.T;
+    s.len = p.T;
+  }
+  // ceil(len / CKPT) slots per sequence fit between consecutive bases (see recurrent.h).
+  s.ckpt_base = s.bos / CKPT + n;
+  return s;
+}
+
+// Which (sequence, head, tile) this block owns.
+struct BlockCoord {
+  int n, hv, h, hg, vt, col;
+  bool col_ok;
+  int64_t blk;
+};
+
+__device__ __forceinline__ BlockCoord block_coord(const RecurrentParams& p) {
+  BlockCoord c;
+  const int NV = recurrent_value_tiles(p.V);
+  c.blk = blockIdx.x;
+  c.vt = static_cast<int>(c.blk % NV);
+  const int64_t nh = c.blk / NV;
+  c.hv = static_cast<int>(nh % p.HV);
+  c.n = static_cast<int>(nh / p.HV);
+  c.h = c.hv / (p.HV / p.H);
+  c.hg = p.gk_heads == p.HV ? c.hv : c.h;
+  c.col = c.vt * BV + (threadIdx.x & 31);
+  c.col_ok = c.col < p.V;
+  return c;
+}
+
+// Everything one step reads: element threadIdx.x of the K-vectors (staged to shared
+// memory for all threads) and the per-column scalars of this thread's column. Held in
+// registers so the forward can issue the next step's loads before computing this one.
+struct StepInputs {
+  float q, k, a, b, alpha;
+  float v, dout, gamma, beta;
+
+  template <typename T>
+  __device__ __forceinline__ void load(const RecurrentParams& p, const BlockCoord& c, int64_t t,
+                                       bool with_dout) {
+    const int e = threadIdx.x;
+    const bool e_ok = e < p.K;
+    const int64_t qk = (t * p.H + c.h) * p.K + e;
+    q = e_ok ? to_float(static_cast<const T*>(p.q)[qk]) * p.scale : 0.f;
+    k = e_ok ? to_float(static_cast<const T*>(p.k)[qk]) : 0.f;
+    a = (p.a && e_ok) ? to_float(static_cast<const T*>(p.a)[qk]) : 0.f;
+    b = (p.b && e_ok) ? to_float(static_cast<const T*>(p.b)[qk]) : 0.f;
+    alpha = (p.gk && e_ok) ? __expf(p.gk[(t * p.gk_heads + c.hg) * p.K + e]) : 1.f;
+    const int64_t tv = (t * p.HV + c.hv) * p.V + c.col;
+    v = c.col_ok ? to_float(static_cast<const T*>(p.v)[tv]) : 0.f;
+    dout = (with_dout && c.col_ok) ? to_float(static_cast<const T*>(p.dout)[tv]) : 0.f;
+    gamma = p.g ? __expf(p.g[t * p.HV + c.hv]) : 1.f;
+    if (p.gv && c.col_ok) gamma *= __expf(p.gv[tv]);
+    beta = 1.f;
+    if (p.delta) beta = p.beta_per_v ? (c.col_ok ? p.beta[tv] : 0.f) : p.beta[t * p.HV + c.hv];
+  }
+
+  template <int KMAX>
+  __device__ __forceinline__ void stage(float (*vec)[KMAX]) const {
+    const int e = threadIdx.x;
+    if (e < KMAX) {
+      vec[kQ][e] = q;
+      vec[kK][e] = k;
+      vec[kA][e] = a;
+      vec[kB][e] = b;
+      vec[kAlpha][e] = alpha;
+    }
+  }
+};
+
+// Sum over all rows of the state (all threads of a column): per-thread partials summed
+// across warps in a fixed order. `slot` must not be reused before the next step's sync.
+template <int W>
+__device__ __forceinline__ float column_sum(float partial, float (*slot)[BV]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  slot[warp][lane] = partial;
+  __syncthreads();
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < W; ++w) s += slot[w][lane];
+  return s;
+}
+
+// Sum over the 32 columns of a warp for each of this thread's R rows; lane l ends with
+// the sum of row index (l % R). Butterfly reduce-scatter: 31 shuffles for R = 32.
+template <int R>
+__device__ __forceinline__ float row_sums(float (&x)[R]) {
+  const int lane = threadIdx.x & 31;
+  if constexpr (R == 16) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) x[j] += __shfl_xor_sync(0xffffffffu, x[j], 16);
+  }
+#pragma unroll
+  for (int off = R / 2; off >= 1; off >>= 1) {
+    const bool upper = lane & off;
+#pragma unroll
+    for (int j = 0; j < off; ++j) {
+      const float send = upper ? x[j] : x[j + off];
+      const float keep = upper ? x[j + off] : x[j];
+      x[j] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+  }
+  return x[0];
+}
+
+// Row sums of one K-vector gradient over this block's 32 columns -> its per-value-tile
+// partial dst[vt][t][hv][row] (summed over tiles on the host, in a fixed order).
+template <int R, int W>
+__device__ __forceinline__ void write_rows(float* dst, float (&x)[R], int64_t t, const RecurrentParams& p,
+                                           const BlockCoord& c, int64_t BT) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float sum = row_sums<R>(x);
+  const int r = warp + W * (lane % R);
+  if (lane < R && r < p.K) dst[((c.vt * BT + t) * p.HV + c.hv) * p.K + r] = sum;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// One step on this thread's state registers: S_{t-1} -> S_t. Returns w = a^T S_{t-1},
+// u = s2^T k and v' (the value written into the state), which the backward reuses.
+// Uses reduction slots red[0] (w) and red[1] (u).
+struct StepState {
+  float w, u, vp;
+};
+
+template <int KMAX>
+__device__ __forceinline__ StepState forward_step(const RecurrentParams& p, float (&s)[Layout<KMAX>::kRows],
+                                                        const float (*vec)[KMAX], const StepInputs& in,
+                                                        float (*red)[Layout<KMAX>::kWarps][BV]) {
+  using L = Layout<KMAX>;
+  constexpr int R = L::kRows, W = L::kWarps;
+  const int warp = threadIdx.x >> 5;
+  StepState st{0.f, 0.f, in.v};
+  if (p.a) {
+    float part = 0.f;
+#pragma unroll
+    for (int i = 0; i < R; ++i) part += vec[kA][warp + W * i] * s[i];
+    st.w = column_sum<W>(part, red[0]);
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int r = warp + W * i;
+    s[i] *= in.gamma * vec[kAlpha][r];
+    if (p.a) s[i] += vec[kB][r] * st.w;
+  }
+  if (p.delta) {
+    float part = 0.f;
+#pragma unroll
+    for (int i = 0; i < R; ++i) part += vec[kK][warp + W * i] * s[i];
+    st.u = column_sum<W>(part, red[1]);
+    st.vp = in.beta * (in.v - st.u);
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i) s[i] += vec[kK][warp + W * i] * st.vp;
+  return st;
+}
+
+template <typename T, int KMAX>
+__device__ __forceinline__ void load_state(const float* src, float (&s)[Layout<KMAX>::kRows], const RecurrentParams& p,
+                                           const BlockCoord& c) {
+  using L = Layout<KMAX>;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < L::kRows; ++i) {
+    const int r = warp + L::kWarps * i;
+    s[i] = (src && r < p.K && c.col_ok) ? src[static_cast<int64_t>(r) * p.V + c.col] : 0.f;
+  }
+}
+
+template <int KMAX>
+__device__ __forceinline__ void store_state(float* dst, const float (&s)[Layout<KMAX>::kRows], const RecurrentParams& p,
+                                            const BlockCoord& c) {
+  using L = Layout<KMAX>;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < L::kRows; ++i) {
+    const int r = warp + L::kWarps * i;
+    if (r < p.K && c.col_ok) dst[static_cast<int64_t>(r) * p.V + c.col] = s[i];
+  }
+}
+
+__device__ __forceinline__ int64_t time_index(const RecurrentParams& p, const SeqInfo& sq, int i) {
+  return sq.bos + (p.reverse ? sq.len - 1 - i : i);
+}
+
+// ---------------------------------------------------------------------------------------
+template <typename T, int KMAX>
+__global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_fwd_kernel(const RecurrentParams p) {
+  using L = Layout<KMAX>;
+  constexpr int R = L::kRows, W = L::kWarps;
+  __shared__ float s_vec[2][kNumVec][KMAX];  // double-buffered by step parity
+  __shared__ float s_red[3][W][BV];  // 0 w, 1 u (forward_step), 2 o
+
+  const BlockCoord c = block_coord(p);
+  const SeqInfo sq = seq_info(p, c.n);
+  const int64_t state_off = (static_cast<int64_t>(c.n) * p.HV + c.hv) * p.K * p.V;
+  const int64_t slot_stride = static_cast<int64_t>(p.HV) * p.K * p.V;
+  const int64_t head_off = static_cast<int64_t>(c.hv) * p.K * p.V;
+  const int warp = threadIdx.x >> 5;
+
+  float s[R];
+  load_state<T, KMAX>(p.h0 ? p.h0 + state_off : nullptr, s, p, c);
+
+  StepInputs next;
+  if (sq.len > 0) next.load<T>(p, c, time_index(p, sq, 0), false);
+  for (int i = 0; i < sq.len; ++i) {
+    const int64_t t = time_index(p, sq, i);
+    if (p.checkpoints && i % CKPT == 0)
+      store_state<KMAX>(p.checkpoints + (sq.ckpt_base + i / CKPT) * slot_stride + head_off, s, p, c);
+    const StepInputs cur = next;
+    float (*vec)[KMAX] = s_vec[i & 1];
+    cur.stage<KMAX>(vec);
+    __syncthreads();
+    if (i + 1 < sq.len) next.load<T>(p, c, time_index(p, sq, i + 1), false);  // in flight during this step
+
+    forward_step<KMAX>(p, s, vec, cur, s_red);
+    float part = 0.f;
+#pragma unroll
+    for (int i2 = 0; i2 < R; ++i2) part += vec[kQ][warp + W * i2] * s[i2];
+    const float o = column_sum<W>(part, s_red[2]);
+    if (warp == 0 && c.col_ok) static_cast<T*>(p.o)[(t * p.HV + c.hv) * p.V + c.col] = from_float<T>(o);
+  }
+  if (p.ht) store_state<KMAX>(p.ht + state_off, s, p, c);
+}
+
+// ---------------------------------------------------------------------------------------
+template <typename T, int KMAX>
+__global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(const RecurrentParams p) {
+  using L = Layout<KMAX>;
+  constexpr int R = L::kRows, W = L::kWarps;
+  __shared__ float s_vec[2][kNumVec][KMAX];
+  __shared__ float s_red[5][W][BV];  // 0 w, 1 u (forward_step), 2 dv', 3 dw, 4 gate
+
+  const BlockCoord c = block_coord(p);
+  const SeqInfo sq = seq_info(p, c.n);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t state_off = (static_cast<int64_t>(c.n) * p.HV + c.hv) * p.K * p.V;
+  const int64_t slot_stride = static_cast<int64_t>(p.HV) * p.K * p.V;
+  const int64_t head_off = static_cast<int64_t>(c.hv) * p.K * p.V;
+  const int64_t BT = static_cast<int64_t>(p.B) * p.T;
+  // This block's parking space for the pre-step states of one segment: [CKPT][KMAX][BV].
+  float* scratch = p.scratch + c.blk * (static_cast<int64_t>(CKPT) * KMAX * BV);
+
+  float ds[R];
+  load_state<T, KMAX>(p.dht ? p.dht + state_off : nullptr, ds, p, c);
+
+  int parity = 0;
+  const int nseg = (sq.len + CKPT - 1) / CKPT;
+  for (int seg = nseg - 1; seg >= 0; --seg) {
+    const int i0 = seg * CKPT, i1 = min(sq.len, i0 + CKPT);
+    float s[R];
+    load_state<T, KMAX>(p.checkpoints + (sq.ckpt_base + seg) * slot_stride + head_off, s, p, c);
+    // Replay the segment, parking each pre-step state (each thread re-reads only its own
+    // elements, so no barrier is needed between the park and the later read).
+    for (int i = i0; i < i1; ++i) {
+      float* park = scratch + static_cast<int64_t>(i - i0) * KMAX * BV;
+#pragma unroll
+      for (int j = 0; j < R; ++j) park[(warp + W * j) * BV + lane] = s[j];
+      StepInputs in;
+      in.load<T>(p, c, time_index(p, sq, i), false);
+      float (*vec)[KMAX] = s_vec[parity];
+      parity ^= 1;
+      in.stage<KMAX>(vec);
+      __syncthreads();
+      forward_step<KMAX>(p, s, vec, in, s_red);
+    }
+    // Walk the segment backwards.
+    for (int i = i1 - 1; i >= i0; --i) {
+      const int64_t t = time_index(p, sq, i);
+      const float* park = scratch + static_cast<int64_t>(i - i0) * KMAX * BV;
+      float sp[R];  // S_{t-1}, the state before this step
+#pragma unroll
+      for (int j = 0; j < R; ++j) sp[j] = park[(warp + W * j) * BV + lane];
+      StepInputs in;
+      in.load<T>(p, c, t, true);
+      float (*vec)[KMAX] = s_vec[parity];
+      parity ^= 1;
+      in.stage<KMAX>(vec);
+      __syncthreads();
+
+      // Recompute the step for w, u, v'; then s2 = the state after decay and low-rank
+      // term (S_t = s2 + k v'^T), with the same arithmetic as forward_step.
+      float s2[R];
+#pragma unroll
+      for (int j = 0; j < R; ++j) s2[j] = sp[j];
+      const StepState st = forward_step<KMAX>(p, s2, vec, in, s_red);
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const int r = warp + W * j;
+        s2[j] = sp[j] * (in.gamma * vec[kAlpha][r]);
+        if (p.a) s2[j] += vec[kB][r] * st.w;
+      }
+
+      // dS_t += (scale q) do^T ; dq = S_t do (scale folded into q's staging and reapplied here)
+      float x[R];
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const int r = warp + W * j;
+        ds[j] += vec[kQ][r] * in.dout;
+        x[j] = (s2[j] + vec[kK][r] * st.vp) * in.dout * p.scale;
+      }
+      write_rows<R, W>(p.dq_part, x, t, p, c, BT);
+
+      // v' was written as k v'^T: dk += dS v', dv' = dS^T k
+      float part = 0.f;
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const int r = warp + W * j;
+        part += vec[kK][r] * ds[j];
+        x[j] = ds[j] * st.vp;
+      }
+      const float dvp = column_sum<W>(part, s_red[2]);
+      const int64_t tv = (t * p.HV + c.hv) * p.V + c.col;
+      if (p.delta) {
+        // v' = beta (v - u), u = s2^T k
+        const float du = -in.beta * dvp;
+        if (warp == 0 && c.col_ok) p.dv[tv] = in.beta * dvp;
+        const float dbeta = (in.v - st.u) * dvp;
+        if (p.beta_per_v) {
+          if (warp == 0 && c.col_ok) p.dbeta[tv] = dbeta;
+        } else {
+          const float tile = warp_sum(c.col_ok ? dbeta : 0.f);
+          if (threadIdx.x == 0) p.dbeta[(c.vt * BT + t) * p.HV + c.hv] = tile;
+        }
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          x[j] += s2[j] * du;
+          ds[j] += vec[kK][warp + W * j] * du;  // ds now = grad wrt s2
+        }
+      } else if (warp == 0 && c.col_ok) {
+        p.dv[tv] = dvp;
+      }
+      write_rows<R, W>(p.dk_part, x, t, p, c, BT);
+
+      float dw = 0.f;
+      if (p.a) {
+        // s2 = s' + b w^T, w = a^T S_{t-1}
+        part = 0.f;
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          part += vec[kB][warp + W * j] * ds[j];
+          x[j] = ds[j] * st.w;
+        }
+        write_rows<R, W>(p.db_part, x, t, p, c, BT);
+        dw = column_sum<W>(part, s_red[3]);
+#pragma unroll
+        for (int j = 0; j < R; ++j) x[j] = sp[j] * dw;
+        write_rows<R, W>(p.da_part, x, t, p, c, BT);
+      }
+
+      if (p.g || p.gk || p.gv) {
+        // s' = gamma alpha S_{t-1}: d(log gate) = <dS', s'> summed over what the gate scales.
+        part = 0.f;
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          const float e = ds[j] * sp[j] * in.gamma * vec[kAlpha][warp + W * j];
+          x[j] = e;
+          part += e;
+        }
+        if (p.gk) write_rows<R, W>(p.dgk_part, x, t, p, c, BT);
+        if (p.g || p.gv) {
+          const float col_sum = column_sum<W>(part, s_red[4]);
+          if (p.gv && warp == 0 && c.col_ok) p.dgv[tv] = col_sum;
+          if (p.g) {
+            const float tile = warp_sum(c.col_ok ? col_sum : 0.f);
+            if (threadIdx.x == 0) p.dg_part[(c.vt * BT + t) * p.HV + c.hv] = tile;
+          }
+        }
+      }
+      // dS_{t-1} = gamma alpha dS' + a dw^T
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const int r = warp + W * j;
+        ds[j] = ds[j] * in.gamma * vec[kAlpha][r] + (p.a ? vec[kA][r] * dw : 0.f);
+      }
+    }
+  }
+  if (p.dh0) store_state<KMAX>(p.dh0 + state_off, ds, p, c);
+}
+
+template <typename T, int KMAX>
+void launch_recurrent_fwd(const RecurrentParams& p, cudaStream_t stream) {
+  const int64_t blocks = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
+  if (blocks == 0) return;
+  recurrent_fwd_kernel<T, KMAX><<<static_cast<unsigned>(blocks), Layout<KMAX>::kThreads, 0, stream>>>(p);
+  FLA_CHECK_LAUNCH();
+}
+
+template <typename T, int KMAX>
+void launch_recurrent_bwd(const RecurrentParams& p, cudaStream_t stream) {
+  const int64_t blocks = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
+  if (blocks == 0) return;
+  recurrent_bwd_kernel<T, KMAX><<<static_cast<unsigned>(blocks), Layout<KMAX>::kThreads, 0, stream>>>(p);
+  FLA_CHECK_LAUNCH();
+}
+
+}  // namespace recurrent
+
+template <typename T, int KMAX>
+void run_recurrent_fwd(const RecurrentParams& p, cudaStream_t stream) {
+  recurrent::launch_recurrent_fwd<T, KMAX>(p, stream);
+}
+
+template <typename T, int KMAX>
+void run_recurrent_bwd(const RecurrentParams& p, cudaStream_t stream) {
+  recurrent::launch_recurrent_bwd<T, KMAX>(p, stream);
+}
+
+}  // namespace fla

@@ -1,0 +1,197 @@
+"""The generic fused recurrent CUDA kernel against the fp64 step-by-step oracle.
+
+Every family is a configuration of the one kernel; each is checked for outputs, final
+states and all gradients, over odd lengths, varlen, states in/out, reverse, dtypes and
+head dims. GPU only (skips elsewhere).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_cuda.reference.recurrence import recurrence_reference
+from tests.utils import assert_close, err_ratio, log_gate, make_cu_seqlens
+
+pytestmark = pytest.mark.gpu
+
+# name -> which inputs the family uses
+FAMILIES = {
+    "linear_attn": dict(),
+    "simple_gla": dict(g=True),
+    "gla": dict(gk=True),
+    "gla_gv": dict(gk=True, gv=True),
+    "delta_rule": dict(delta=True),
+    "delta_rule_beta_v": dict(delta=True, beta_v=True),
+    "gated_delta_rule": dict(delta=True, g=True),
+    "gated_delta_rule_gk": dict(delta=True, gk=True, gv=True),
+    "iplr": dict(lowrank=True),
+    "dplr": dict(lowrank=True, gk=True),
+}
+
+
+def make_inputs(fam, B, T, H, K, V, dtype, HV=None, seed=0, device="cuda"):
+    """Random inputs drawn the way models make them (never zeros)."""
+    torch.manual_seed(seed)
+    HV = HV or H
+    cfg = FAMILIES[fam]
+    x = {}
+    x["q"] = torch.randn(B, T, H, K, device=device).to(dtype)
+    k = torch.randn(B, T, H, K, device=device)
+    if cfg.get("delta") or cfg.get("lowrank"):
+        k = F.normalize(k, dim=-1)  # keeps the delta / low-rank transition contractive
+    x["k"] = k.to(dtype)
+    x["v"] = torch.randn(B, T, HV, V, device=device).to(dtype)
+    if cfg.get("g"):
+        x["g"] = log_gate(B, T, HV, device=device)
+    if cfg.get("gk"):
+        x["gk"] = log_gate(B, T, HV if cfg.get("delta") else H, K, device=device)
+    if cfg.get("gv"):
+        x["gv"] = log_gate(B, T, HV, V, device=device)
+    if cfg.get("delta"):
+        shape = (B, T, HV, V) if cfg.get("beta_v") else (B, T, HV)
+        x["beta"] = torch.rand(*shape, device=device).sigmoid()
+    if cfg.get("lowrank"):
+        kk = F.normalize(torch.randn(B, T, H, K, device=device), dim=-1)
+        x["a"] = (-kk).to(dtype)
+        x["b"] = (kk * torch.rand(B, T, H, 1, device=device)).to(dtype)
+    return x
+
+
+def run_both(fam, x, *, scale=None, h0=None, reverse=False, cu_seqlens=None, grad=True):
+    from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
+    delta = FAMILIES[fam].get("delta", False)
+    K = x["q"].shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    leaves = {n: t.detach().clone().requires_grad_(grad) for n, t in x.items()}
+    if h0 is not None:
+        leaves["h0"] = h0.detach().clone().requires_grad_(grad)
+    args = {n: t for n, t in leaves.items() if n not in ("q", "k", "v", "h0")}
+    o, ht = fused_recurrent_cuda(leaves["q"], leaves["k"], leaves["v"], delta=delta, scale=scale,
+                                 initial_state=leaves.get("h0"), output_final_state=True,
+                                 reverse=reverse, cu_seqlens=cu_seqlens, **args)
+    ref_leaves = {n: t.detach().double().requires_grad_(grad) for n, t in leaves.items()}
+    rargs = {n: t for n, t in ref_leaves.items() if n not in ("q", "k", "v", "h0")}
+    ro, rht = recurrence_reference(ref_leaves["q"], ref_leaves["k"], ref_leaves["v"], delta=delta,
+                                   scale=scale, initial_state=ref_leaves.get("h0"), output_final_state=True,
+                                   reverse=reverse, cu_seqlens=cu_seqlens, **rargs)
+    out = {"o": (ro, o), "ht": (rht, ht)}
+    if grad:
+        do = torch.randn_like(o)
+        dht = torch.randn_like(ht)
+        ours = torch.autograd.grad((o, ht), list(leaves.values()), (do, dht))
+        refs = torch.autograd.grad((ro, rht), list(ref_leaves.values()), (do.double(), dht.double()))
+        for n, r, g in zip(leaves, refs, ours):
+            out["d" + n] = (r, g)
+    return out
+
+
+def tol(dtype):
+    return {torch.float32: 2e-5, torch.bfloat16: 6e-3, torch.float16: 2e-3}[dtype]
+
+
+def check(results, dtype, extra=1.0):
+    for name, (ref, ours) in results.items():
+        assert ours is not None, name
+        assert_close(name, ref, ours, tol(dtype) * extra)
+
+
+@pytest.mark.parametrize("fam", list(FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 63, 200])
+def test_families(fam, dtype, T):
+    x = make_inputs(fam, 2, T, 2, 64, 64, dtype)
+    h0 = torch.randn(2, 2, 64, 64, device="cuda")
+    check(run_both(fam, x, h0=h0), dtype)
+
+
+@pytest.mark.parametrize("fam", ["simple_gla", "gla_gv", "gated_delta_rule", "dplr"])
+@pytest.mark.parametrize("K,V", [(128, 128), (256, 256), (100, 48), (32, 200)])
+def test_head_dims(fam, K, V):
+    x = make_inputs(fam, 1, 40, 2, K, V, torch.float32)
+    check(run_both(fam, x, h0=torch.randn(1, 2, K, V, device="cuda")), torch.float32)
+
+
+@pytest.mark.parametrize("fam", ["simple_gla", "gla", "delta_rule", "dplr"])
+def test_long_sequence_fp16(fam):
+    x = make_inputs(fam, 1, 500, 2, 64, 64, torch.float16)
+    check(run_both(fam, x), torch.float16, extra=2)
+
+
+@pytest.mark.parametrize("fam", ["simple_gla", "gla", "gated_delta_rule", "iplr"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_varlen_states_reverse(fam, reverse):
+    lengths = [1, 17, 0, 40, 63]
+    x = make_inputs(fam, 1, sum(lengths), 2, 64, 32, torch.float32)
+    cu = make_cu_seqlens(lengths, device="cuda")
+    h0 = torch.randn(len(lengths), 2, 64, 32, device="cuda")
+    check(run_both(fam, x, h0=h0, reverse=reverse, cu_seqlens=cu, scale=0.3), torch.float32)
+
+
+@pytest.mark.parametrize("fam", ["gated_delta_rule", "gated_delta_rule_gk"])
+def test_grouped_value_heads(fam):
+    x = make_inputs(fam, 2, 50, 2, 64, 64, torch.float32, HV=4)
+    check(run_both(fam, x, h0=torch.randn(2, 4, 64, 64, device="cuda")), torch.float32)
+
+
+@pytest.mark.parametrize("fam", list(FAMILIES))
+def test_decode_step(fam):
+    """T = 1 with a large batch and a state in and out: the decoding shape."""
+    x = make_inputs(fam, 64, 1, 4, 128, 128, torch.bfloat16)
+    h0 = torch.randn(64, 4, 128, 128, device="cuda")
+    check(run_both(fam, x, h0=h0, grad=False), torch.bfloat16)
+
+
+def test_backward_deterministic():
+    x = make_inputs("dplr", 2, 100, 2, 64, 64, torch.bfloat16)
+    g1 = run_both("dplr", x, h0=torch.randn(2, 2, 64, 64, device="cuda"))
+    torch.manual_seed(0)
+    from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
+
+    def grads_once():
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+        o, _ = fused_recurrent_cuda(leaves["q"], leaves["k"], leaves["v"], a=leaves["a"], b=leaves["b"],
+                                    gk=leaves["gk"], scale=0.125)
+        torch.manual_seed(1)
+        return torch.autograd.grad(o, list(leaves.values()), torch.randn_like(o))
+
+    first, second = grads_once(), grads_once()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert g1  # the comparison above ran on real gradients
+
+
+def test_strong_gates_finite():
+    """Gates of -1e4 and -inf zero the state without NaN."""
+    x = make_inputs("gla", 1, 40, 2, 64, 64, torch.float32)
+    x["gk"][:, 5] = -1e4
+    x["gk"][:, 20, :, :8] = float("-inf")
+    res = run_both("gla", x, grad=False)
+    for name, (ref, ours) in res.items():
+        assert torch.isfinite(ours).all(), name
+        assert err_ratio(ref, ours) < 1e-5, name
+
+
+def test_torch_compile_fullgraph():
+    from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
+    x = make_inputs("gated_delta_rule", 2, 20, 2, 64, 64, torch.bfloat16)
+
+    def f(q, k, v, g, beta):
+        o, ht = fused_recurrent_cuda(q, k, v, g=g, beta=beta, delta=True, scale=0.125, output_final_state=True)
+        return o.float().sum() + ht.sum()
+
+    leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v", "g", "beta")]
+    compiled = torch.compile(f, fullgraph=True)
+    loss_c = compiled(*leaves)
+    grads_c = torch.autograd.grad(loss_c, leaves)
+    loss_e = f(*leaves)
+    grads_e = torch.autograd.grad(loss_e, leaves)
+    assert torch.allclose(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e):
+        assert torch.equal(a, b)
+
+
+def test_opcheck():
+    x = make_inputs("dplr", 1, 20, 2, 64, 32, torch.float32)
+    h0 = torch.randn(1, 2, 64, 32, device="cuda")
+    args = (x["q"], x["k"], x["v"], None, x["gk"], None, None, x["a"], x["b"], h0, None,
+            0.125, False, False, True, True)
+    torch.library.opcheck(torch.ops.fla_cuda.recurrent_fwd.default, args)
