@@ -47,7 +47,8 @@ def recurrence_reference(
         q, k = q.repeat_interleave(G, dim=2), k.repeat_interleave(G, dim=2)
         a = None if a is None else a.repeat_interleave(G, dim=2)
         b = None if b is None else b.repeat_interleave(G, dim=2)
-        gk = None if gk is None or gk.shape[2] == HV else gk.repeat_interleave(G, dim=2)
+        if gk is not None and gk.shape[2] != HV:  # gk may be given per q/k head or per value head
+            gk = gk.repeat_interleave(G, dim=2)
 
     if cu_seqlens is None:
         bounds = [(i, 0, T) for i in range(B)]
