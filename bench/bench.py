@@ -1080,7 +1080,7 @@ def main(argv=None) -> int:
                 data = json.load(f)
             old = data["rows"] if isinstance(data, dict) else data
         merged = merge_rows(old, rows)
-        write_json(path, merged, meta=runner.meta)
+        write_json(path, merged)  # a plain list of rows; each row carries its date, gpu and commit
         rel_png = None
         if not a.no_plot:
             p = plot_time_vs_T(merged, os.path.join(res_dir, f"{name}_time_vs_T.png"))

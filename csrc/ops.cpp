@@ -8,11 +8,11 @@ STABLE_TORCH_LIBRARY(fla_cuda, m) {
   m.def(
       "recurrent_fwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? gk, Tensor? gv, Tensor? beta, "
       "Tensor? a, Tensor? b, Tensor? h0, Tensor? cu_seqlens, float scale, bool reverse, bool delta, "
-      "bool output_final_state, bool save_checkpoints) -> (Tensor o, Tensor ht, Tensor checkpoints)");
+      "bool l2norm_qk, bool output_final_state, bool save_checkpoints) -> (Tensor o, Tensor ht, Tensor checkpoints)");
   m.def(
       "recurrent_bwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? gk, Tensor? gv, Tensor? beta, "
       "Tensor? a, Tensor? b, Tensor? cu_seqlens, Tensor checkpoints, Tensor do, Tensor? dht, float scale, "
-      "bool reverse, bool delta, bool need_dh0) -> (Tensor dq_part, Tensor dk_part, Tensor dv, "
+      "bool reverse, bool delta, bool l2norm_qk, bool need_dh0) -> (Tensor dq_part, Tensor dk_part, Tensor dv, "
       "Tensor dg_part, Tensor dgk_part, Tensor dgv, Tensor dbeta, Tensor da_part, Tensor db_part, Tensor dh0)");
 }
 

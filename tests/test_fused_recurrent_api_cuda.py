@@ -68,8 +68,10 @@ def _run(case, x, force_torch, monkeypatch, grad=True):
     o, ht = call(getattr(fla_cuda, name), args)
     out = {"o": o, "ht": ht}
     if grad:
-        torch.manual_seed(1)
-        do, dht = torch.randn_like(o), torch.randn_like(ht)
+        # the same cotangents whatever the dtype (randn in fp64 draws other numbers)
+        gen = torch.Generator(device=o.device).manual_seed(1)
+        do = torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype)
+        dht = torch.randn(ht.shape, generator=gen, device=o.device).to(ht.dtype)
         live = list(leaves)
         gs = torch.autograd.grad((o, ht), [leaves[n] for n in live], (do, dht), allow_unused=True)
         out.update({"d" + n: g for n, g in zip(live, gs) if g is not None})
@@ -124,7 +126,7 @@ def test_state_v_first_and_varlen_through_api(monkeypatch):
 
 
 def test_public_op_under_torch_compile():
-    x = _inputs(torch.bfloat16)
+    x = _inputs(torch.float32)
 
     def f(q, k, v, g, beta, h0):
         o, ht = fla_cuda.fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=h0,
@@ -136,4 +138,4 @@ def test_public_op_under_torch_compile():
     gc = torch.autograd.grad(compiled(*leaves), leaves)
     ge = torch.autograd.grad(f(*leaves), leaves)
     for a, b in zip(gc, ge):
-        assert_close("grad", b, a, 1e-2)
+        assert_close("grad", b, a, 1e-4)

@@ -193,5 +193,34 @@ def test_opcheck():
     x = make_inputs("dplr", 1, 20, 2, 64, 32, torch.float32)
     h0 = torch.randn(1, 2, 64, 32, device="cuda")
     args = (x["q"], x["k"], x["v"], None, x["gk"], None, None, x["a"], x["b"], h0, None,
-            0.125, False, False, True, True)
+            0.125, False, False, False, True, True)
     torch.library.opcheck(torch.ops.fla_cuda.recurrent_fwd.default, args)
+    cu = make_cu_seqlens([3, 0, 17], device="cuda")
+    args = (x["q"], x["k"], x["v"], None, x["gk"], None, None, x["a"], x["b"], torch.randn(3, 2, 64, 32, device="cuda"),
+            cu, 0.125, True, False, False, True, True)
+    torch.library.opcheck(torch.ops.fla_cuda.recurrent_fwd.default, args)
+
+
+@pytest.mark.parametrize("fam", ["delta_rule", "gated_delta_rule"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_kernel_l2norm(fam, dtype):
+    """use_qk_l2norm: the kernel normalises q, k in fp32; gradients reach the raw q, k."""
+    from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
+    x = make_inputs(fam, 2, 70, 2, 64, 64, dtype)
+    x["k"] = (x["k"].float() * 3).to(dtype)  # not unit norm: the normalisation matters
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+    extra = {n: leaves[n] for n in ("g", "beta") if n in leaves}
+    o, ht = fused_recurrent_cuda(leaves["q"], leaves["k"], leaves["v"], delta=True, scale=0.2,
+                                 output_final_state=True, use_qk_l2norm=True, **extra)
+    ref = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    qn = ref["q"] / (ref["q"].square().sum(-1, keepdim=True) + 1e-6).sqrt()
+    kn = ref["k"] / (ref["k"].square().sum(-1, keepdim=True) + 1e-6).sqrt()
+    rextra = {n: ref[n] for n in ("g", "beta") if n in ref}
+    ro, rht = recurrence_reference(qn, kn, ref["v"], delta=True, scale=0.2, output_final_state=True, **rextra)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    gs = torch.autograd.grad((o, ht), list(leaves.values()), (do, dht))
+    rgs = torch.autograd.grad((ro, rht), list(ref.values()), (do.double(), dht.double()))
+    assert_close("o", ro, o, tol(dtype))
+    assert_close("ht", rht, ht, tol(dtype))
+    for n, r, g in zip(leaves, rgs, gs):
+        assert_close("d" + n, r, g, tol(dtype))

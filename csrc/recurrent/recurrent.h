@@ -55,6 +55,7 @@ struct RecurrentParams {
   int gk_heads;               // H or HV
   float scale;
   bool reverse, delta, beta_per_v;
+  bool l2norm_qk;             // q, k <- x / sqrt(|x|^2 + 1e-6) in-kernel (FLA's use_qk_l2norm_in_kernel)
   int64_t ckpt_slots;
 
   // backward only

@@ -38,7 +38,7 @@ RecurrentParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, c
                             const std::optional<Tensor>& gk, const std::optional<Tensor>& gv,
                             const std::optional<Tensor>& beta, const std::optional<Tensor>& a,
                             const std::optional<Tensor>& b, const std::optional<Tensor>& cu_seqlens, double scale,
-                            bool reverse, bool delta, Dims& d) {
+                            bool reverse, bool delta, bool l2norm_qk, Dims& d) {
   d = check_inputs(q, k, v, cu_seqlens);
   RecurrentParams p{};
   p.q = q.data_ptr();
@@ -54,6 +54,7 @@ RecurrentParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.scale = static_cast<float>(scale);
   p.reverse = reverse;
   p.delta = delta;
+  p.l2norm_qk = l2norm_qk;
   p.g = opt_f32(g, "g", q, {d.B, d.T, d.HV});
   p.gk_heads = gk.has_value() ? static_cast<int>(gk->size(2)) : p.H;
   STD_TORCH_CHECK(p.gk_heads == p.H || p.gk_heads == p.HV, "fla_cuda: gk heads must be H or HV");
@@ -85,9 +86,10 @@ std::tuple<Tensor, Tensor, Tensor> recurrent_fwd(Tensor q, Tensor k, Tensor v, s
                                                  std::optional<Tensor> beta, std::optional<Tensor> a,
                                                  std::optional<Tensor> b, std::optional<Tensor> h0,
                                                  std::optional<Tensor> cu_seqlens, double scale, bool reverse,
-                                                 bool delta, bool output_final_state, bool save_checkpoints) {
+                                                 bool delta, bool l2norm_qk, bool output_final_state,
+                                                 bool save_checkpoints) {
   Dims d;
-  RecurrentParams p = make_params(q, k, v, g, gk, gv, beta, a, b, cu_seqlens, scale, reverse, delta, d);
+  RecurrentParams p = make_params(q, k, v, g, gk, gv, beta, a, b, cu_seqlens, scale, reverse, delta, l2norm_qk, d);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   p.h0 = opt_f32(h0, "initial_state", q, {d.N, d.HV, d.K, d.V});
   Tensor o = torch::stable::new_empty(q, {d.B, d.T, d.HV, d.V});
@@ -107,9 +109,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     Tensor q, Tensor k, Tensor v, std::optional<Tensor> g, std::optional<Tensor> gk, std::optional<Tensor> gv,
     std::optional<Tensor> beta, std::optional<Tensor> a, std::optional<Tensor> b, std::optional<Tensor> cu_seqlens,
     Tensor checkpoints, Tensor dout, std::optional<Tensor> dht, double scale, bool reverse, bool delta,
-    bool need_dh0) {
+    bool l2norm_qk, bool need_dh0) {
   Dims d;
-  RecurrentParams p = make_params(q, k, v, g, gk, gv, beta, a, b, cu_seqlens, scale, reverse, delta, d);
+  RecurrentParams p = make_params(q, k, v, g, gk, gv, beta, a, b, cu_seqlens, scale, reverse, delta, l2norm_qk, d);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   check_cuda_tensor(checkpoints, "checkpoints", q);
   check_sizes(checkpoints, "checkpoints", {p.ckpt_slots, d.HV, d.K, d.V});

@@ -41,8 +41,11 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 template <int KMAX>
 struct Layout {
-  static constexpr int kWarps = KMAX <= 128 ? 4 : 8;
+  // 16 rows per thread up to K = 128 keeps the forward at <= 64 registers, so 1024 threads
+  // per SM are resident: many state loads in flight and little tail in the decode step.
+  static constexpr int kWarps = KMAX <= 64 ? 4 : 8;
   static constexpr int kThreads = kWarps * 32;
+  static constexpr int kFwdMinBlocks = KMAX <= 128 ? 1024 / kThreads : 2;
   static constexpr int kRows = KMAX / kWarps;  // state rows per thread: warp + kWarps * i
   static_assert(kRows == 16 || kRows == 32, "reduce-scatter handles 16 or 32 rows per thread");
   static_assert(KMAX <= kThreads, "one staged K-vector element per thread");
@@ -106,7 +109,8 @@ struct StepInputs {
     const int e = threadIdx.x;
     const bool e_ok = e < p.K;
     const int64_t qk = (t * p.H + c.h) * p.K + e;
-    q = e_ok ? to_float(static_cast<const T*>(p.q)[qk]) * p.scale : 0.f;
+    // With in-kernel l2norm the scale is applied after normalising (normalize_qk).
+    q = e_ok ? to_float(static_cast<const T*>(p.q)[qk]) * (p.l2norm_qk ? 1.f : p.scale) : 0.f;
     k = e_ok ? to_float(static_cast<const T*>(p.k)[qk]) : 0.f;
     a = (p.a && e_ok) ? to_float(static_cast<const T*>(p.a)[qk]) : 0.f;
     b = (p.b && e_ok) ? to_float(static_cast<const T*>(p.b)[qk]) : 0.f;
@@ -185,6 +189,31 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// In-kernel l2norm of the staged q and k (FLA's use_qk_l2norm_in_kernel): block sums of
+// squares, then each thread rescales its own element. Costs two barriers, only when on.
+template <int KMAX, int W>
+__device__ __forceinline__ void normalize_qk(const RecurrentParams& p, float (*vec)[KMAX], float (*slot)[BV]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, e = threadIdx.x;
+  const float q = e < KMAX ? vec[kQ][e] : 0.f, k = e < KMAX ? vec[kK][e] : 0.f;
+  const float sq = warp_sum(q * q), sk = warp_sum(k * k);
+  if (lane == 0) {
+    slot[warp][0] = sq;
+    slot[warp][1] = sk;
+  }
+  __syncthreads();
+  float tq = 0.f, tk = 0.f;
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    tq += slot[w][0];
+    tk += slot[w][1];
+  }
+  if (e < KMAX) {
+    vec[kQ][e] = q * (p.scale * rsqrtf(tq + 1e-6f));
+    vec[kK][e] = k * rsqrtf(tk + 1e-6f);
+  }
+  __syncthreads();
+}
+
 // One step on this thread's state registers: S_{t-1} -> S_t. Returns w = a^T S_{t-1},
 // u = s2^T k and v' (the value written into the state), which the backward reuses.
 // Uses reduction slots red[0] (w) and red[1] (u).
@@ -254,11 +283,11 @@ __device__ __forceinline__ int64_t time_index(const RecurrentParams& p, const Se
 
 // ---------------------------------------------------------------------------------------
 template <typename T, int KMAX>
-__global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_fwd_kernel(const RecurrentParams p) {
+__global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kFwdMinBlocks) recurrent_fwd_kernel(const RecurrentParams p) {
   using L = Layout<KMAX>;
   constexpr int R = L::kRows, W = L::kWarps;
   __shared__ float s_vec[2][kNumVec][KMAX];  // double-buffered by step parity
-  __shared__ float s_red[3][W][BV];  // 0 w, 1 u (forward_step), 2 o
+  __shared__ float s_red[4][W][BV];  // 0 w, 1 u (forward_step), 2 o, 3 l2norm
 
   const BlockCoord c = block_coord(p);
   const SeqInfo sq = seq_info(p, c.n);
@@ -281,6 +310,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_fwd_kernel(c
     cur.stage<KMAX>(vec);
     __syncthreads();
     if (i + 1 < sq.len) next.load<T>(p, c, time_index(p, sq, i + 1), false);  // in flight during this step
+    if (p.l2norm_qk) normalize_qk<KMAX, W>(p, vec, s_red[3]);
 
     forward_step<KMAX>(p, s, vec, cur, s_red);
     float part = 0.f;
@@ -290,6 +320,14 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_fwd_kernel(c
     if (warp == 0 && c.col_ok) static_cast<T*>(p.o)[(t * p.HV + c.hv) * p.V + c.col] = from_float<T>(o);
   }
   if (p.ht) store_state<KMAX>(p.ht + state_off, s, p, c);
+  if (p.checkpoints) {
+    // Zero this sequence's spare slots (up to the next sequence's first) so the output
+    // holds no uninitialised memory.
+    const int64_t end = c.n + 1 < p.N ? seq_info(p, c.n + 1).ckpt_base : p.ckpt_slots;
+    for (int i = 0; i < R; ++i) s[i] = 0.f;
+    for (int64_t slot = sq.ckpt_base + (sq.len + CKPT - 1) / CKPT; slot < end; ++slot)
+      store_state<KMAX>(p.checkpoints + slot * slot_stride + head_off, s, p, c);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -298,7 +336,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
   using L = Layout<KMAX>;
   constexpr int R = L::kRows, W = L::kWarps;
   __shared__ float s_vec[2][kNumVec][KMAX];
-  __shared__ float s_red[5][W][BV];  // 0 w, 1 u (forward_step), 2 dv', 3 dw, 4 gate
+  __shared__ float s_red[6][W][BV];  // 0 w, 1 u (forward_step), 2 dv', 3 dw, 4 gate, 5 l2norm
 
   const BlockCoord c = block_coord(p);
   const SeqInfo sq = seq_info(p, c.n);
@@ -331,6 +369,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       parity ^= 1;
       in.stage<KMAX>(vec);
       __syncthreads();
+      if (p.l2norm_qk) normalize_qk<KMAX, W>(p, vec, s_red[5]);
       forward_step<KMAX>(p, s, vec, in, s_red);
     }
     // Walk the segment backwards.
@@ -346,6 +385,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       parity ^= 1;
       in.stage<KMAX>(vec);
       __syncthreads();
+      if (p.l2norm_qk) normalize_qk<KMAX, W>(p, vec, s_red[5]);
 
       // Recompute the step for w, u, v'; then s2 = the state after decay and low-rank
       // term (S_t = s2 + k v'^T), with the same arithmetic as forward_step.

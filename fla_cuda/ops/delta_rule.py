@@ -372,16 +372,12 @@ def fused_recurrent_delta_rule(
         beta = q.new_ones(q.shape[:3])
     scale, K, V = _validate(q, k, v, beta, scale, initial_state, output_final_state,
                             use_qk_l2norm_in_kernel, cu_seqlens, per_channel_beta=True)
-    use_cuda = backend.use_cuda("fused_recurrent_delta_rule", q, K, V)
-    if use_qk_l2norm_in_kernel:
-        qn, kn = qk_l2norm(q, k)
-        # the kernel takes q, k, v in one dtype (as FLA's l2norm output); the PyTorch path
-        # keeps the fp32 result
-        q, k = (qn.to(q.dtype), kn.to(k.dtype)) if use_cuda else (qn, kn)
-    if use_cuda:
-        from .recurrent_cuda import fused_recurrent_cuda
+    if backend.use_cuda("fused_recurrent_delta_rule", q, K, V):
+        from .recurrent_cuda import fused_recurrent_cuda  # normalises q, k in-kernel in fp32, as FLA
         return fused_recurrent_cuda(q, k, v, beta=beta, delta=True, scale=scale,
                                     initial_state=initial_state, output_final_state=output_final_state,
-                                    cu_seqlens=cu_seqlens)
+                                    cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm_in_kernel)
+    if use_qk_l2norm_in_kernel:
+        q, k = qk_l2norm(q, k)
     return delta_chunk_forward(q, k, v, beta, scale=scale, initial_state=initial_state,
                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)

@@ -53,10 +53,8 @@ def _preprocess(q, k, g, beta, *, use_qk_l2norm_in_kernel, use_gate_in_kernel, A
                 use_beta_sigmoid_in_kernel, allow_neg_eigval, use_cuda):
     """FLA's in-kernel options as differentiable torch ops (fp32; fp64 stays fp64)."""
     dtype = compute_dtype(q)
-    if use_qk_l2norm_in_kernel:
-        qn, kn = qk_l2norm(q, k)
-        # the kernel takes q, k, v in one dtype (like FLA's l2norm output)
-        q, k = (qn.to(q.dtype), kn.to(k.dtype)) if use_cuda else (qn, kn)
+    if use_qk_l2norm_in_kernel and not use_cuda:  # the CUDA kernel normalises in-kernel, in fp32
+        q, k = qk_l2norm(q, k)
     if use_gate_in_kernel:
         x = g.to(dtype)
         if dt_bias is not None:
@@ -210,7 +208,7 @@ def fused_recurrent_gated_delta_rule(
         from .recurrent_cuda import fused_recurrent_cuda
         o, ht = fused_recurrent_cuda(q, k, v, g=g, gk=gk, gv=gv, beta=beta, delta=True, scale=scale,
                                      initial_state=h0, output_final_state=output_final_state,
-                                     cu_seqlens=cu_seqlens)
+                                     cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm_in_kernel)
     else:
         o, ht = delta_chunk_forward(q, k, v, beta, g, gk, gv, scale=scale, initial_state=h0,
                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)

@@ -26,7 +26,7 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "recurrent_fwd"):
 
     @torch.library.register_fake("fla_cuda::recurrent_fwd")
     def _recurrent_fwd_fake(q, k, v, g, gk, gv, beta, a, b, h0, cu_seqlens, scale, reverse, delta,
-                            output_final_state, save_checkpoints):
+                            l2norm_qk, output_final_state, save_checkpoints):
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
         N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -39,7 +39,7 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "recurrent_fwd"):
 
     @torch.library.register_fake("fla_cuda::recurrent_bwd")
     def _recurrent_bwd_fake(q, k, v, g, gk, gv, beta, a, b, cu_seqlens, checkpoints, do, dht, scale,
-                            reverse, delta, need_dh0):
+                            reverse, delta, l2norm_qk, need_dh0):
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
         N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -64,10 +64,17 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "recurrent_fwd"):
         return dq, dk, dv, dg, dgk, dgv, dbeta, da, db, dh0
 
     def _setup_context(ctx, inputs, output):
-        (q, k, v, g, gk, gv, beta, a, b, h0, cu_seqlens, scale, reverse, delta, _, _) = inputs
+        (q, k, v, g, gk, gv, beta, a, b, h0, cu_seqlens, scale, reverse, delta, l2norm_qk, _, _) = inputs
         ctx.save_for_backward(q, k, v, g, gk, gv, beta, a, b, h0, cu_seqlens, output[2])
-        ctx.scale, ctx.reverse, ctx.delta = scale, reverse, delta
+        ctx.scale, ctx.reverse, ctx.delta, ctx.l2norm_qk = scale, reverse, delta, l2norm_qk
         ctx.mark_non_differentiable(output[2])
+
+    def _l2norm_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        """y = x * r, r = (|x|^2 + 1e-6)^-1/2  ->  dx = r (dy - y <y, dy>), in fp32."""
+        x = x.float()
+        r = torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
+        y = x * r
+        return r * (dy - y * (y * dy).sum(-1, keepdim=True))
 
     def _fold_heads(x: torch.Tensor, B: int, T: int, heads: int) -> torch.Tensor:
         """[NV, B*T, HV, D] per-tile partials -> [B, T, heads, D] (sum tiles, then value-head groups)."""
@@ -89,9 +96,11 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "recurrent_fwd"):
         (dq, dk, dv, dg, dgk, dgv, dbeta, da, db, dh0) = torch.ops.fla_cuda.recurrent_bwd(
             q, k, v, g, gk, gv, beta, a, b, cu_seqlens, ckpt, do.contiguous(),
             None if dht is None else dht.float().contiguous(),
-            ctx.scale, ctx.reverse, ctx.delta, need_dh0)
-        dq = _fold_heads(dq, B, T, H).to(q.dtype)
-        dk = _fold_heads(dk, B, T, H).to(k.dtype)
+            ctx.scale, ctx.reverse, ctx.delta, ctx.l2norm_qk, need_dh0)
+        dq, dk = _fold_heads(dq, B, T, H), _fold_heads(dk, B, T, H)
+        if ctx.l2norm_qk:  # the kernel differentiated w.r.t. the normalised q, k
+            dq, dk = _l2norm_backward(q, dq), _l2norm_backward(k, dk)
+        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
         dv = dv.to(v.dtype)
         dg = _fold_heads(dg, B, T, dg.shape[-1]) if g is not None else None
         dgk = _fold_heads(dgk, B, T, gk.shape[2]) if gk is not None else None
@@ -103,7 +112,7 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "recurrent_fwd"):
         da = _fold_heads(da, B, T, H).to(a.dtype) if a is not None else None
         db = _fold_heads(db, B, T, H).to(b.dtype) if b is not None else None
         dh0 = dh0 if need_dh0 else None
-        return (dq, dk, dv, dg, dgk, dgv, dbeta, da, db, dh0, None, None, None, None, None, None)
+        return (dq, dk, dv, dg, dgk, dgv, dbeta, da, db, dh0, None, None, None, None, None, None, None)
 
     torch.library.register_autograd("fla_cuda::recurrent_fwd", _backward, setup_context=_setup_context)
 
@@ -117,11 +126,13 @@ def _same(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def fused_recurrent_cuda(q, k, v, *, g=None, gk=None, gv=None, beta=None, a=None, b=None, delta=False,
-                         scale, initial_state=None, output_final_state=False, reverse=False, cu_seqlens=None):
+                         scale, initial_state=None, output_final_state=False, reverse=False, cu_seqlens=None,
+                         use_qk_l2norm=False):
     """Run the generic recurrence on the CUDA kernel. Inputs must already be validated.
 
     Same arguments as ``recurrence_reference``; returns ``(o, ht)`` with ``ht`` None unless
-    ``output_final_state``. Differentiable in every tensor input.
+    ``output_final_state``. Differentiable in every tensor input. ``use_qk_l2norm``
+    normalises q and k inside the kernel, in fp32 (FLA's ``use_qk_l2norm_in_kernel``).
     """
     dtype = q.dtype
     tensors = (q, k, v, g, gk, gv, beta, a, b, initial_state)
@@ -132,5 +143,6 @@ def fused_recurrent_cuda(q, k, v, *, g=None, gk=None, gv=None, beta=None, a=None
         q.contiguous(), _same(k, dtype), _same(v, dtype), _f32(g), _f32(gk), _f32(gv), _f32(beta),
         _same(a, dtype), _same(b, dtype), _f32(initial_state),
         None if cu_seqlens is None else cu_seqlens.contiguous(),
-        float(scale), bool(reverse), bool(delta), bool(output_final_state), bool(needs_grad))
+        float(scale), bool(reverse), bool(delta), bool(use_qk_l2norm), bool(output_final_state),
+        bool(needs_grad))
     return o, (ht if output_final_state else None)
