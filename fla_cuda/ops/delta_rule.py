@@ -26,7 +26,7 @@ import torch
 
 from .. import backend
 from ..utils import checks
-from .utils import l2norm, pad_to_chunks, per_sequence
+from .utils import check_chunk_size, check_head_first, compute_dtype, l2norm, pad_to_chunks, per_sequence
 
 __all__ = ["chunk_delta_rule", "fused_recurrent_delta_rule"]
 
@@ -40,9 +40,6 @@ CHUNK_SIZES = (16, 32, 64)
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _to(x, dtype):
@@ -281,10 +278,9 @@ def delta_chunk_forward(q, k, v, beta, g=None, gk=None, gv=None, *, scale, initi
 # --------------------------------------------------------------------------------------
 
 def pop_chunk_size(kwargs: dict) -> int:
-    if "head_first" in kwargs:
-        raise ValueError("`head_first` has been removed; inputs must be in [B, T, H, ...] layout")
-    chunk_size = kwargs.pop("chunk_size", 64)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size not in CHUNK_SIZES:
+    check_head_first(kwargs)
+    chunk_size = check_chunk_size(kwargs.pop("chunk_size", None), 64)
+    if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"`chunk_size` must be 16, 32 or 64, got {chunk_size!r}")
     return chunk_size
 
@@ -294,7 +290,7 @@ def check_beta(beta, B, T, HV, V, device, *, per_channel: bool) -> None:
     if beta.dim() == 4 and per_channel:
         checks.check_optional("beta", beta, (B, T, HV, V), device)
     else:
-        what = f"[B, T, HV] or [B, T, HV, V]" if per_channel else "[B, T, HV]"
+        what = "[B, T, HV] or [B, T, HV, V]" if per_channel else "[B, T, HV]"
         if beta.dim() != 3:
             raise ValueError(f"`beta` must have shape {what}, got {tuple(beta.shape)}")
         checks.check_optional("beta", beta, (B, T, HV), device)

@@ -18,27 +18,16 @@ per-channel chunk form (chunk 16, V triangular systems per chunk).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
 from .. import backend
 from ..utils import checks
-from .delta_rule import check_beta, compute_dtype, delta_chunk_forward, pop_chunk_size, qk_l2norm
+from .delta_rule import check_beta, delta_chunk_forward, pop_chunk_size, qk_l2norm
+from .utils import compute_dtype, pop_state_layout, swap_state_layout
 
 __all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
 
-
-def _pop_state_layout(kwargs: dict, state_v_first) -> bool:
-    """FLA's deprecated alias ``transpose_state_layout`` of ``state_v_first``."""
-    if "transpose_state_layout" in kwargs:
-        if state_v_first:
-            raise ValueError("Cannot pass both `state_v_first` and the deprecated `transpose_state_layout`.")
-        warnings.warn("`transpose_state_layout` is deprecated and renamed to `state_v_first`.",
-                      DeprecationWarning, stacklevel=3)
-        state_v_first = kwargs.pop("transpose_state_layout")
-    return checks.check_flag("state_v_first", state_v_first)
 
 
 def _check_head_param(name, x, HV, device):
@@ -66,14 +55,6 @@ def _preprocess(q, k, g, beta, *, use_qk_l2norm_in_kernel, use_gate_in_kernel, A
             beta = beta * 2
     return q, k, g, beta
 
-
-def _to_kv(state, state_v_first):
-    """[.., V, K] <-> [.., K, V] at the API boundary when ``state_v_first``."""
-    return state.transpose(-1, -2) if (state is not None and state_v_first) else state
-
-
-def _from_kv(state, state_v_first):
-    return state.transpose(-1, -2).contiguous() if (state is not None and state_v_first) else state
 
 
 def _validate_common(q, k, v, scale, initial_state, output_final_state, cu_seqlens, state_v_first,
@@ -128,7 +109,7 @@ def chunk_gated_delta_rule(
     keywords; other unknown keywords are ignored. Context parallelism (``cp_context``) and
     precomputed ``chunk_indices`` are not supported: they must be None.
     """
-    state_v_first = _pop_state_layout(kwargs, state_v_first)
+    state_v_first = pop_state_layout(kwargs, state_v_first)
     chunk_size = pop_chunk_size(kwargs)
     if chunk_indices is not None:
         raise ValueError("`chunk_indices` is not supported by fla_cuda (chunks come from `cu_seqlens`); pass None")
@@ -149,10 +130,10 @@ def chunk_gated_delta_rule(
                                 use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
                                 allow_neg_eigval=allow_neg_eigval, use_cuda=False)
     o, ht = delta_chunk_forward(q, k, v, beta, g, scale=scale,
-                                initial_state=_to_kv(initial_state, state_v_first),
+                                initial_state=swap_state_layout(initial_state, state_v_first),
                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                 chunk_size=chunk_size)
-    return o, _from_kv(ht, state_v_first)
+    return o, swap_state_layout(ht, state_v_first)
 
 
 def fused_recurrent_gated_delta_rule(
@@ -183,7 +164,7 @@ def fused_recurrent_gated_delta_rule(
     optional sigmoid, as in FLA). A_log and dt_bias are used only with
     ``use_gate_in_kernel``. Differentiable (FLA's version has no backward).
     """
-    state_v_first = _pop_state_layout(kwargs, state_v_first)
+    state_v_first = pop_state_layout(kwargs, state_v_first)
     if not use_gate_in_kernel:
         A_log, dt_bias = None, None      # FLA ignores them without use_gate_in_kernel
     B, T, H, K, HV, V, scale = _validate_common(
@@ -203,7 +184,7 @@ def fused_recurrent_gated_delta_rule(
                                 use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
                                 use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
                                 allow_neg_eigval=allow_neg_eigval, use_cuda=use_cuda)
-    h0 = _to_kv(initial_state, state_v_first)
+    h0 = swap_state_layout(initial_state, state_v_first)
     if use_cuda:
         from .recurrent_cuda import fused_recurrent_cuda
         o, ht = fused_recurrent_cuda(q, k, v, g=g, gk=gk, gv=gv, beta=beta, delta=True, scale=scale,
@@ -212,4 +193,4 @@ def fused_recurrent_gated_delta_rule(
     else:
         o, ht = delta_chunk_forward(q, k, v, beta, g, gk, gv, scale=scale, initial_state=h0,
                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    return o, _from_kv(ht, state_v_first)
+    return o, swap_state_layout(ht, state_v_first)

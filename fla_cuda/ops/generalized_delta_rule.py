@@ -43,7 +43,7 @@ from ..utils.checks import (
     check_tensor,
     resolve_scale,
 )
-from .utils import flip_time, pad_to_chunks, per_sequence
+from .utils import check_chunk_size, check_head_first, compute_dtype, flip_time, pad_to_chunks, per_sequence
 
 __all__ = [
     "chunk_iplr_delta_rule",
@@ -91,25 +91,8 @@ def _validate(q, k, v, a, b, gk, scale, initial_state, output_final_state, cu_se
     return B, T, H, K, V, N, scale
 
 
-def _check_chunk_size(chunk_size):
-    """FLA requires a power of two; the value only tunes FLA's kernels (ignored here)."""
-    if chunk_size is None:
-        return
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
-        raise TypeError(f"`chunk_size` must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 1 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"`chunk_size` must be a power of 2, got {chunk_size}")
-
-
-def _check_head_first(kwargs):
-    if "head_first" in kwargs:
-        raise ValueError("`head_first` has been removed (as in FLA 0.6): inputs must be [B, T, H, ...]")
-
 
 # ----------------------------------------------------------------------------- PyTorch path
-
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _decayed_scores(x, gx, ys, gy, *, strict):
@@ -153,7 +136,7 @@ def _chunk_dense(q, k, v, a, b, gk, *, initial_state, scale, reverse=False):
     """Dense [B, T, H, *] generalized delta rule; returns (o [B, T, H, V] in q.dtype, ht [B, H, K, V])."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q)
     out_dtype = v.dtype
     sdt = torch.float64 if (dt == torch.float64 or (initial_state is not None
                                                      and initial_state.dtype == torch.float64)) else dt
@@ -258,8 +241,8 @@ def chunk_iplr_delta_rule(
     Returns (o [B, T, H, V], final_state [N, H, K, V] or None).
     ``chunk_size`` (kwarg, power of 2) is accepted and ignored, as are other unknown kwargs.
     """
-    _check_head_first(kwargs)
-    _check_chunk_size(kwargs.pop("chunk_size", None))
+    check_head_first(kwargs)
+    check_chunk_size(kwargs.pop("chunk_size", None))
     B, T, H, K, V, N, scale = _validate(q, k, v, a, b, None, scale, initial_state, output_final_state,
                                         cu_seqlens, cu_seqlens_cpu)
     return _run(q, k, v, a, b, None, scale=scale, initial_state=initial_state,
@@ -318,12 +301,12 @@ def chunk_dplr_delta_rule(
     negative: it is the caller's promise that ``lower_bound <= gk < 0``) and otherwise ignored.
     Context parallelism (``cp_context``) is not supported.
     """
-    _check_head_first(kwargs)
+    check_head_first(kwargs)
     if cp_context is not None:
         raise ValueError("`cp_context` (context parallelism) is not supported by fla_cuda; pass None")
     check_flag("safe_gate", safe_gate)
     check_flag("disable_recompute", disable_recompute)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     if lower_bound is not None:
         if isinstance(lower_bound, bool) or not isinstance(lower_bound, (int, float)):
             raise TypeError(f"`lower_bound` must be a float, got {type(lower_bound).__name__}")

@@ -24,14 +24,13 @@ which would cancel) and never as exp() of a positive number (which could overflo
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 
 from .. import backend
 from ..utils.checks import (check_cu_seqlens, check_flag, check_optional, check_qkv, check_state,
                             check_tensor, resolve_scale)
-from .utils import pad_to_chunks, per_sequence
+from .utils import pad_to_chunks, per_sequence, pop_state_layout, swap_state_layout
 
 __all__ = ["chunk_gla", "fused_recurrent_gla", "gla_chunk_torch"]
 
@@ -174,14 +173,9 @@ def _common_checks(q, k, v, scale, initial_state, output_final_state, state_v_fi
     shape = (N, H, V, K) if state_v_first else (N, H, K, V)
     check_state("initial_state", initial_state, shape, q.dtype, q.device)
     scale = resolve_scale(scale, K)
-    h0 = initial_state.transpose(-1, -2) if (initial_state is not None and state_v_first) else initial_state
+    h0 = swap_state_layout(initial_state, state_v_first)
     return B, T, H, K, V, scale, h0
 
-
-def _out_state(ht, state_v_first):
-    if ht is not None and state_v_first:
-        ht = ht.transpose(-1, -2).contiguous()
-    return ht
 
 
 def chunk_gla(
@@ -221,7 +215,7 @@ def chunk_gla(
             raise ValueError("`cu_seqlens_cpu` must be a host copy of `cu_seqlens`")
     o, ht = gla_chunk_torch(q, k, v, g, None, scale=scale, initial_state=h0,
                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    return o, _out_state(ht, state_v_first)
+    return o, swap_state_layout(ht, state_v_first)
 
 
 def fused_recurrent_gla(
@@ -259,12 +253,7 @@ def fused_recurrent_gla(
     Runs the CUDA recurrent kernel where ``backend.use_cuda`` allows, else the exact
     chunkwise PyTorch path (``gla_chunk_torch``).
     """
-    if "transpose_state_layout" in kwargs:
-        if state_v_first:
-            raise ValueError("Cannot pass both `state_v_first` and the deprecated `transpose_state_layout`.")
-        warnings.warn("`transpose_state_layout` is deprecated and renamed to `state_v_first`.",
-                      DeprecationWarning, stacklevel=2)
-        state_v_first = kwargs.pop("transpose_state_layout")
+    state_v_first = pop_state_layout(kwargs, state_v_first)
     B, T, H, K, V, scale, h0 = _common_checks(q, k, v, scale, initial_state, output_final_state,
                                               state_v_first, cu_seqlens)
     check_flag("reverse", reverse)
@@ -280,4 +269,4 @@ def fused_recurrent_gla(
         o, ht = gla_chunk_torch(q, k, v, gk, gv, scale=scale, initial_state=h0,
                                 output_final_state=output_final_state, reverse=reverse,
                                 cu_seqlens=cu_seqlens)
-    return o, _out_state(ht if output_final_state else None, state_v_first)
+    return o, swap_state_layout(ht if output_final_state else None, state_v_first)

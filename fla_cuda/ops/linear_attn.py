@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..utils.checks import FLOAT_DTYPES, check_flag, check_optional
-from .simple_gla import _compute_dtype, run_simple_gla, validate
-from .utils import seq_bounds
+from .simple_gla import run_simple_gla, validate
+from .utils import compute_dtype, seq_bounds
 
 __all__ = ["chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn"]
 
@@ -31,7 +31,7 @@ def _split_state(initial_state, normalize: bool):
 def normalize_with_z_state(o, q, k, scale: float, z_init, reverse: bool, cu_seqlens):
     """Divide o by scale * q_t . z_t, z_t the running key sum (from the end if ``reverse``)
     plus ``z_init`` [N, 1, H, K]. Returns (o in q's dtype, z_state [N, 1, H, K] fp32/fp64)."""
-    cd = _compute_dtype(q)
+    cd = compute_dtype(q)
     B, T, H, K = k.shape
     kf = k.to(cd)
     bounds = seq_bounds(cu_seqlens, B, T)
@@ -64,7 +64,7 @@ def _linear_attn(op, q, k, v, scale, initial_state, output_final_state, normaliz
         check_optional("initial_state[1] (z_state)", z_init, (N, 1, H, K), q.device, FLOAT_DTYPES)
     o, ht = run_simple_gla(op, q, k, v, None, None, scale, kv_init, output_final_state, reverse=reverse,
                            cu_seqlens=cu_seqlens, recurrent=recurrent,
-                           o_dtype=_compute_dtype(q) if normalize else None)
+                           o_dtype=compute_dtype(q) if normalize else None)
     if not normalize:
         return o, ht
     o, z = normalize_with_z_state(o, q, k, scale, z_init, reverse, cu_seqlens)

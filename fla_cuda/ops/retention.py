@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..utils.checks import check_tensor
-from .simple_gla import (_check_chunk_size, _check_kwargs_head_first, _compute_dtype,
-                         _transpose_state_layout_kwarg, parallel_simple_gla_impl, run_simple_gla)
+from .simple_gla import CHUNK_SIZE, parallel_simple_gla_impl, run_simple_gla
+from .utils import check_chunk_size, check_head_first, compute_dtype, pop_state_layout
 
 __all__ = ["chunk_retention", "fused_chunk_retention", "fused_recurrent_retention", "parallel_retention",
            "retention_g_gamma"]
@@ -17,7 +17,7 @@ __all__ = ["chunk_retention", "fused_chunk_retention", "fused_recurrent_retentio
 def retention_g_gamma(q: torch.Tensor) -> torch.Tensor:
     """Log decay per head, log(1 - 2^(-5 - h)), [H]: fp32 as in FLA (fp64 for fp64 inputs)."""
     check_tensor("q", q, ndim=4)
-    h = torch.arange(q.shape[2], dtype=_compute_dtype(q), device=q.device)
+    h = torch.arange(q.shape[2], dtype=compute_dtype(q), device=q.device)
     return torch.log1p(-torch.pow(2.0, -5.0 - h))
 
 
@@ -32,8 +32,8 @@ def chunk_retention(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise retention; returns ``(o, final_state or None)``. Accepts FLA's ``chunk_size``."""
-    _check_kwargs_head_first(kwargs)
-    chunk_size = _check_chunk_size(kwargs.pop("chunk_size", None))
+    check_head_first(kwargs)
+    chunk_size = check_chunk_size(kwargs.pop("chunk_size", None), CHUNK_SIZE)
     return run_simple_gla("chunk_retention", q, k, v, None, retention_g_gamma(q), scale, initial_state,
                           output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
 
@@ -65,7 +65,7 @@ def fused_recurrent_retention(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recurrent retention (CUDA kernel when available); ``reverse`` scans from the end."""
-    state_v_first = _transpose_state_layout_kwarg(kwargs, state_v_first)
+    state_v_first = pop_state_layout(kwargs, state_v_first)
     return run_simple_gla("fused_recurrent_retention", q, k, v, None, retention_g_gamma(q), scale,
                           initial_state, output_final_state, reverse=reverse, state_v_first=state_v_first,
                           cu_seqlens=cu_seqlens, recurrent=True)

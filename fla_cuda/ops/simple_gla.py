@@ -13,14 +13,13 @@ backend says so.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .. import backend
 from ..utils.checks import (check_cu_seqlens, check_flag, check_optional, check_qkv, check_state,
                             resolve_scale)
-from .utils import flip_time, pad_to_chunks, per_sequence
+from .utils import (check_chunk_size, check_head_first, compute_dtype, flip_time, pad_to_chunks, per_sequence,
+                    pop_state_layout, swap_state_layout)
 
 __all__ = [
     "chunk_simple_gla", "fused_chunk_simple_gla", "fused_recurrent_simple_gla", "parallel_simple_gla",
@@ -33,9 +32,6 @@ CHUNK_SIZE = 64
 # every float format, so the clamp changes no finite result.
 MIN_LOG_GATE = -1e4
 
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -133,7 +129,7 @@ def simple_gla_chunk_torch(
     (default q.dtype) and the final state [N, H, K, V] in fp32/fp64, or None.
     ``reverse`` scans each sequence from its end. No [T, T] memory: [BT, BT] per chunk.
     """
-    cd = _compute_dtype(q)
+    cd = compute_dtype(q)
 
     def run(q_, k_, v_, g_, initial_state=None):
         if reverse:
@@ -147,31 +143,6 @@ def simple_gla_chunk_torch(
 
 # --------------------------------------------------------------------------------------------
 # Validation shared by the public ops of this family (also used by linear_attn / retention).
-
-def _check_chunk_size(chunk_size) -> int:
-    if chunk_size is None:
-        return CHUNK_SIZE
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
-        raise TypeError(f"`chunk_size` must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 1 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"`chunk_size` must be a power of 2, got {chunk_size}")
-    return chunk_size
-
-
-def _check_kwargs_head_first(kwargs) -> None:
-    if "head_first" in kwargs:
-        # FLA 0.6 raises (not warns) this.
-        raise DeprecationWarning("head_first has been removed. Inputs must be in `[B, T, H, ...]` format.")
-
-
-def _transpose_state_layout_kwarg(kwargs, state_v_first):
-    if "transpose_state_layout" in kwargs:
-        if state_v_first:
-            raise ValueError("Cannot pass both `state_v_first` and the deprecated `transpose_state_layout`.")
-        warnings.warn("`transpose_state_layout` is deprecated and renamed to `state_v_first`.",
-                      DeprecationWarning, stacklevel=3)
-        state_v_first = kwargs.pop("transpose_state_layout")
-    return state_v_first
 
 
 def validate(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
@@ -190,7 +161,7 @@ def validate(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outp
     shape = (N, H, V, K) if state_v_first else (N, H, K, V)
     check_state("initial_state", initial_state, shape, q.dtype, q.device)
     if g_gamma is not None:
-        g = g_gamma.to(_compute_dtype(q))[None, None, :].expand(B, T, H)
+        g = g_gamma.to(compute_dtype(q))[None, None, :].expand(B, T, H)
     return g, scale, N
 
 
@@ -201,7 +172,7 @@ def run_simple_gla(op, q, k, v, g=None, g_gamma=None, scale=None, initial_state=
     chunkwise PyTorch path. ``op`` is the public op name given to ``backend.use_cuda``."""
     g, scale, _ = validate(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
                            reverse=reverse, state_v_first=state_v_first)
-    h0 = initial_state.transpose(-1, -2) if (state_v_first and initial_state is not None) else initial_state
+    h0 = swap_state_layout(initial_state, state_v_first)
     if recurrent and backend.use_cuda(op, q, q.shape[-1], v.shape[-1]):
         from .recurrent_cuda import fused_recurrent_cuda
         o, ht = fused_recurrent_cuda(
@@ -213,9 +184,7 @@ def run_simple_gla(op, q, k, v, g=None, g_gamma=None, scale=None, initial_state=
         o, ht = simple_gla_chunk_torch(q, k, v, g, scale=scale, initial_state=h0,
                                        output_final_state=output_final_state, reverse=reverse,
                                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, o_dtype=o_dtype)
-    if state_v_first and ht is not None:
-        ht = ht.transpose(-1, -2)
-    return o, ht
+    return o, swap_state_layout(ht, state_v_first)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,8 +209,8 @@ def chunk_simple_gla(
     Returns ``(o [B,T,H,V], final_state [N,H,K,V] or None)``; with ``state_v_first`` states are
     [N,H,V,K]. Accepts FLA's ``chunk_size`` kwarg (power of 2); other kwargs are ignored.
     """
-    _check_kwargs_head_first(kwargs)
-    chunk_size = _check_chunk_size(kwargs.pop("chunk_size", None))
+    check_head_first(kwargs)
+    chunk_size = check_chunk_size(kwargs.pop("chunk_size", None), CHUNK_SIZE)
     return run_simple_gla("chunk_simple_gla", q, k, v, g, g_gamma, scale, initial_state,
                           output_final_state, state_v_first=state_v_first, cu_seqlens=cu_seqlens,
                           chunk_size=chunk_size)
@@ -278,7 +247,7 @@ def fused_recurrent_simple_gla(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recurrent simple GLA (CUDA kernel when available); ``reverse`` scans from the end."""
-    state_v_first = _transpose_state_layout_kwarg(kwargs, state_v_first)
+    state_v_first = pop_state_layout(kwargs, state_v_first)
     return run_simple_gla("fused_recurrent_simple_gla", q, k, v, g, g_gamma, scale, initial_state,
                           output_final_state, reverse=reverse, state_v_first=state_v_first,
                           cu_seqlens=cu_seqlens, recurrent=True)
@@ -326,5 +295,5 @@ def parallel_simple_gla_impl(op, q, k, v, g, g_gamma, scale, output_attentions, 
         o, _ = run_simple_gla(op, q, k, v, g, g_gamma, scale, None, False, cu_seqlens=cu_seqlens)
         return o, None
     g, scale, _ = validate(q, k, v, g, g_gamma, scale, None, False, cu_seqlens)
-    o, A = parallel_attention(q, k, v, g, scale, _compute_dtype(q))
+    o, A = parallel_attention(q, k, v, g, scale, compute_dtype(q))
     return o.to(q.dtype), A.to(q.dtype)

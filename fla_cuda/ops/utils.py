@@ -1,6 +1,7 @@
 """Helpers shared by the PyTorch paths of every family."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -62,3 +63,45 @@ def pad_to_chunks(x: torch.Tensor, chunk: int, dim: int = 1, value: float = 0.0)
 def flip_time(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """Reverse the time axis (dim 1) of [B, T, ...] tensors, for ``reverse=True`` scans."""
     return [None if t is None else t.flip(1) for t in tensors]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """PyTorch paths compute in fp32; fp64 inputs (gradcheck, oracles) stay fp64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class HeadFirstRemovedError(ValueError, DeprecationWarning):
+    """FLA 0.6 raises DeprecationWarning for ``head_first``; also a ValueError naming it."""
+
+
+def check_head_first(kwargs: dict) -> None:
+    if "head_first" in kwargs:
+        raise HeadFirstRemovedError("`head_first` has been removed (as in FLA 0.6): inputs must be [B, T, H, ...]")
+
+
+def check_chunk_size(chunk_size, default: int | None = None) -> int | None:
+    """FLA's ``chunk_size`` kwarg: a power of two (``default`` when not given)."""
+    if chunk_size is None:
+        return default
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+        raise TypeError(f"`chunk_size` must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"`chunk_size` must be a power of 2, got {chunk_size}")
+    return chunk_size
+
+
+def pop_state_layout(kwargs: dict, state_v_first) -> bool:
+    """``state_v_first``, honouring FLA's deprecated alias ``transpose_state_layout``."""
+    from ..utils import checks
+    if "transpose_state_layout" in kwargs:
+        if state_v_first:
+            raise ValueError("Cannot pass both `state_v_first` and the deprecated `transpose_state_layout`.")
+        warnings.warn("`transpose_state_layout` is deprecated and renamed to `state_v_first`.",
+                      DeprecationWarning, stacklevel=3)
+        state_v_first = kwargs.pop("transpose_state_layout")
+    return checks.check_flag("state_v_first", state_v_first)
+
+
+def swap_state_layout(state: torch.Tensor | None, state_v_first: bool) -> torch.Tensor | None:
+    """[..., V, K] <-> [..., K, V] at the API boundary when ``state_v_first`` (FLA 0.6)."""
+    return state.transpose(-1, -2).contiguous() if (state is not None and state_v_first) else state
