@@ -224,3 +224,14 @@ def test_in_kernel_l2norm(fam, dtype):
     assert_close("ht", rht, ht, tol(dtype))
     for n, r, g in zip(leaves, rgs, gs):
         assert_close("d" + n, r, g, tol(dtype))
+
+
+@pytest.mark.parametrize("beta_v", [False, True])
+def test_beta_in_input_dtype(beta_v):
+    """beta in q's dtype is read as is by the kernel (no cast), gradients come back in it."""
+    fam = "delta_rule_beta_v" if beta_v else "gated_delta_rule"
+    x = make_inputs(fam, 2, 40, 2, 64, 64, torch.bfloat16)
+    x["beta"] = x["beta"].bfloat16()
+    res = run_both(fam, x, h0=torch.randn(2, 2, 64, 64, device="cuda"))
+    assert res["dbeta"][1].dtype == torch.bfloat16
+    check(res, torch.bfloat16)

@@ -20,7 +20,7 @@
 //   g                  [B*T, HV]         fp32
 //   gk                 [B*T, HG, K]      fp32, HG = H or HV
 //   gv                 [B*T, HV, V]      fp32
-//   beta               [B*T, HV] or [B*T, HV, V] fp32
+//   beta               [B*T, HV] or [B*T, HV, V] fp32 or the input dtype
 //   h0, ht, dht, dh0   [N, HV, K, V]     fp32
 //   checkpoints        [slots, HV, K, V] fp32, slots = B*T / CKPT + N + 1
 #pragma once
@@ -43,7 +43,7 @@ struct RecurrentParams {
   const float* g;
   const float* gk;
   const float* gv;
-  const float* beta;
+  const void* beta;           // fp32, or the input dtype when !beta_fp32
   const float* h0;
   const int64_t* cu_seqlens;  // [N + 1] or null
   // outputs
@@ -54,7 +54,7 @@ struct RecurrentParams {
   int B, T, H, HV, K, V, N;
   int gk_heads;               // H or HV
   float scale;
-  bool reverse, delta, beta_per_v;
+  bool reverse, delta, beta_per_v, beta_fp32;
   bool l2norm_qk;             // q, k <- x / sqrt(|x|^2 + 1e-6) in-kernel (FLA's use_qk_l2norm_in_kernel)
   int64_t ckpt_slots;
 

@@ -62,7 +62,15 @@ RecurrentParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.gv = opt_f32(gv, "gv", q, {d.B, d.T, d.HV, d.V});
   STD_TORCH_CHECK(!delta || beta.has_value(), "fla_cuda: the delta rule needs beta");
   p.beta_per_v = beta.has_value() && beta->dim() == 4;
-  p.beta = p.beta_per_v ? opt_f32(beta, "beta", q, {d.B, d.T, d.HV, d.V}) : opt_f32(beta, "beta", q, {d.B, d.T, d.HV});
+  if (beta.has_value()) {
+    check_cuda_tensor(*beta, "beta", q);
+    p.beta_fp32 = beta->scalar_type() == ScalarType::Float;
+    STD_TORCH_CHECK(p.beta_fp32 || beta->scalar_type() == q.scalar_type(),
+                    "fla_cuda: `beta` must be float32 or q's dtype");
+    if (p.beta_per_v) check_sizes(*beta, "beta", {d.B, d.T, d.HV, d.V});
+    else check_sizes(*beta, "beta", {d.B, d.T, d.HV});
+    p.beta = beta->data_ptr();
+  }
   STD_TORCH_CHECK(a.has_value() == b.has_value(), "fla_cuda: a and b come together");
   if (a.has_value()) {
     check_cuda_tensor(*a, "a", q);

@@ -1,9 +1,10 @@
 // Generic fused recurrent kernels (forward and backward); see recurrent.h for the math.
 //
 // Thread block = one (sequence, value head, tile of 32 value columns). Lane c of every
-// warp owns column c of the tile; warp w owns state rows w, w + W, w + 2W, ... so each
-// thread keeps R = KMAX / W state values in registers and every state load/store of a
-// warp is one coalesced 128-byte row segment. Per step the K-vectors (q, k, a, b,
+// warp owns column c of the tile; warp w owns the R = KMAX / W consecutive state rows
+// w*R .. w*R + R-1, kept in registers: every state load/store of a warp is one coalesced
+// 128-byte row segment, and a thread's slice of a staged K-vector is contiguous, so it
+// is read with 16-byte shared-memory loads. Per step the K-vectors (q, k, a, b,
 // exp(gk)) are staged in shared memory (one element per thread); reductions over K
 // (S^T q, S^T k, a^T S ...) are per-thread FMA chains, then a fixed-order sum across
 // warps in shared memory: deterministic.
@@ -46,7 +47,7 @@ struct Layout {
   static constexpr int kWarps = KMAX <= 64 ? 4 : 8;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kFwdMinBlocks = KMAX <= 128 ? 1024 / kThreads : 2;
-  static constexpr int kRows = KMAX / kWarps;  // state rows per thread: warp + kWarps * i
+  static constexpr int kRows = KMAX / kWarps;  // state rows per thread: warp * kRows + i
   static_assert(kRows == 16 || kRows == 32, "reduce-scatter handles 16 or 32 rows per thread");
   static_assert(KMAX <= kThreads, "one staged K-vector element per thread");
 };
@@ -121,7 +122,11 @@ struct StepInputs {
     gamma = p.g ? __expf(p.g[t * p.HV + c.hv]) : 1.f;
     if (p.gv && c.col_ok) gamma *= __expf(p.gv[tv]);
     beta = 1.f;
-    if (p.delta) beta = p.beta_per_v ? (c.col_ok ? p.beta[tv] : 0.f) : p.beta[t * p.HV + c.hv];
+    if (p.delta) {
+      const int64_t bi = p.beta_per_v ? tv : t * p.HV + c.hv;
+      const bool ok = !p.beta_per_v || c.col_ok;
+      beta = !ok ? 0.f : p.beta_fp32 ? static_cast<const float*>(p.beta)[bi] : to_float(static_cast<const T*>(p.beta)[bi]);
+    }
   }
 
   template <int KMAX>
@@ -179,7 +184,7 @@ __device__ __forceinline__ void write_rows(float* dst, float (&x)[R], int64_t t,
                                            const BlockCoord& c, int64_t BT) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const float sum = row_sums<R>(x);
-  const int r = warp + W * (lane % R);
+  const int r = warp * R + lane % R;
   if (lane < R && r < p.K) dst[((c.vt * BT + t) * p.HV + c.hv) * p.K + r] = sum;
 }
 
@@ -221,35 +226,59 @@ struct StepState {
   float w, u, vp;
 };
 
+// This thread's R consecutive rows of a staged K-vector, with 16-byte shared loads.
+template <int R>
+__device__ __forceinline__ void load_rows(const float* first, float (&x)[R]) {
+  const float4* src = reinterpret_cast<const float4*>(first);
+#pragma unroll
+  for (int i = 0; i < R / 4; ++i) {
+    const float4 t = src[i];
+    x[4 * i] = t.x;
+    x[4 * i + 1] = t.y;
+    x[4 * i + 2] = t.z;
+    x[4 * i + 3] = t.w;
+  }
+}
+
 template <int KMAX>
 __device__ __forceinline__ StepState forward_step(const RecurrentParams& p, float (&s)[Layout<KMAX>::kRows],
-                                                        const float (*vec)[KMAX], const StepInputs& in,
-                                                        float (*red)[Layout<KMAX>::kWarps][BV]) {
+                                                  const float (*vec)[KMAX], const StepInputs& in,
+                                                  float (*red)[Layout<KMAX>::kWarps][BV]) {
   using L = Layout<KMAX>;
   constexpr int R = L::kRows, W = L::kWarps;
-  const int warp = threadIdx.x >> 5;
+  const int row0 = (threadIdx.x >> 5) * R;
   StepState st{0.f, 0.f, in.v};
+  float x[R];
   if (p.a) {
+    load_rows<R>(&vec[kA][row0], x);
     float part = 0.f;
 #pragma unroll
-    for (int i = 0; i < R; ++i) part += vec[kA][warp + W * i] * s[i];
+    for (int i = 0; i < R; ++i) part += x[i] * s[i];
     st.w = column_sum<W>(part, red[0]);
   }
+  if (p.gk) {
+    load_rows<R>(&vec[kAlpha][row0], x);
 #pragma unroll
-  for (int i = 0; i < R; ++i) {
-    const int r = warp + W * i;
-    s[i] *= in.gamma * vec[kAlpha][r];
-    if (p.a) s[i] += vec[kB][r] * st.w;
+    for (int i = 0; i < R; ++i) s[i] *= in.gamma * x[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < R; ++i) s[i] *= in.gamma;
   }
+  if (p.a) {
+    load_rows<R>(&vec[kB][row0], x);
+#pragma unroll
+    for (int i = 0; i < R; ++i) s[i] += x[i] * st.w;
+  }
+  load_rows<R>(&vec[kK][row0], x);
   if (p.delta) {
     float part = 0.f;
 #pragma unroll
-    for (int i = 0; i < R; ++i) part += vec[kK][warp + W * i] * s[i];
+    for (int i = 0; i < R; ++i) part += x[i] * s[i];
     st.u = column_sum<W>(part, red[1]);
     st.vp = in.beta * (in.v - st.u);
   }
 #pragma unroll
-  for (int i = 0; i < R; ++i) s[i] += vec[kK][warp + W * i] * st.vp;
+  for (int i = 0; i < R; ++i) s[i] += x[i] * st.vp;
   return st;
 }
 
@@ -260,7 +289,7 @@ __device__ __forceinline__ void load_state(const float* src, float (&s)[Layout<K
   const int warp = threadIdx.x >> 5;
 #pragma unroll
   for (int i = 0; i < L::kRows; ++i) {
-    const int r = warp + L::kWarps * i;
+    const int r = warp * L::kRows + i;
     s[i] = (src && r < p.K && c.col_ok) ? src[static_cast<int64_t>(r) * p.V + c.col] : 0.f;
   }
 }
@@ -272,7 +301,7 @@ __device__ __forceinline__ void store_state(float* dst, const float (&s)[Layout<
   const int warp = threadIdx.x >> 5;
 #pragma unroll
   for (int i = 0; i < L::kRows; ++i) {
-    const int r = warp + L::kWarps * i;
+    const int r = warp * L::kRows + i;
     if (r < p.K && c.col_ok) dst[static_cast<int64_t>(r) * p.V + c.col] = s[i];
   }
 }
@@ -286,7 +315,7 @@ template <typename T, int KMAX>
 __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kFwdMinBlocks) recurrent_fwd_kernel(const RecurrentParams p) {
   using L = Layout<KMAX>;
   constexpr int R = L::kRows, W = L::kWarps;
-  __shared__ float s_vec[2][kNumVec][KMAX];  // double-buffered by step parity
+  __shared__ __align__(16) float s_vec[2][kNumVec][KMAX];  // double-buffered by step parity
   __shared__ float s_red[4][W][BV];  // 0 w, 1 u (forward_step), 2 o, 3 l2norm
 
   const BlockCoord c = block_coord(p);
@@ -313,9 +342,11 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kFwdMinB
     if (p.l2norm_qk) normalize_qk<KMAX, W>(p, vec, s_red[3]);
 
     forward_step<KMAX>(p, s, vec, cur, s_red);
+    float qv[R];
+    load_rows<R>(&vec[kQ][warp * R], qv);
     float part = 0.f;
 #pragma unroll
-    for (int i2 = 0; i2 < R; ++i2) part += vec[kQ][warp + W * i2] * s[i2];
+    for (int i2 = 0; i2 < R; ++i2) part += qv[i2] * s[i2];
     const float o = column_sum<W>(part, s_red[2]);
     if (warp == 0 && c.col_ok) static_cast<T*>(p.o)[(t * p.HV + c.hv) * p.V + c.col] = from_float<T>(o);
   }
@@ -335,7 +366,7 @@ template <typename T, int KMAX>
 __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(const RecurrentParams p) {
   using L = Layout<KMAX>;
   constexpr int R = L::kRows, W = L::kWarps;
-  __shared__ float s_vec[2][kNumVec][KMAX];
+  __shared__ __align__(16) float s_vec[2][kNumVec][KMAX];
   __shared__ float s_red[6][W][BV];  // 0 w, 1 u (forward_step), 2 dv', 3 dw, 4 gate, 5 l2norm
 
   const BlockCoord c = block_coord(p);
@@ -362,7 +393,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
     for (int i = i0; i < i1; ++i) {
       float* park = scratch + static_cast<int64_t>(i - i0) * KMAX * BV;
 #pragma unroll
-      for (int j = 0; j < R; ++j) park[(warp + W * j) * BV + lane] = s[j];
+      for (int j = 0; j < R; ++j) park[(warp * R + j) * BV + lane] = s[j];
       StepInputs in;
       in.load<T>(p, c, time_index(p, sq, i), false);
       float (*vec)[KMAX] = s_vec[parity];
@@ -378,7 +409,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       const float* park = scratch + static_cast<int64_t>(i - i0) * KMAX * BV;
       float sp[R];  // S_{t-1}, the state before this step
 #pragma unroll
-      for (int j = 0; j < R; ++j) sp[j] = park[(warp + W * j) * BV + lane];
+      for (int j = 0; j < R; ++j) sp[j] = park[(warp * R + j) * BV + lane];
       StepInputs in;
       in.load<T>(p, c, t, true);
       float (*vec)[KMAX] = s_vec[parity];
@@ -395,7 +426,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       const StepState st = forward_step<KMAX>(p, s2, vec, in, s_red);
 #pragma unroll
       for (int j = 0; j < R; ++j) {
-        const int r = warp + W * j;
+        const int r = warp * R + j;
         s2[j] = sp[j] * (in.gamma * vec[kAlpha][r]);
         if (p.a) s2[j] += vec[kB][r] * st.w;
       }
@@ -404,7 +435,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       float x[R];
 #pragma unroll
       for (int j = 0; j < R; ++j) {
-        const int r = warp + W * j;
+        const int r = warp * R + j;
         ds[j] += vec[kQ][r] * in.dout;
         x[j] = (s2[j] + vec[kK][r] * st.vp) * in.dout * p.scale;
       }
@@ -414,7 +445,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       float part = 0.f;
 #pragma unroll
       for (int j = 0; j < R; ++j) {
-        const int r = warp + W * j;
+        const int r = warp * R + j;
         part += vec[kK][r] * ds[j];
         x[j] = ds[j] * st.vp;
       }
@@ -434,7 +465,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
 #pragma unroll
         for (int j = 0; j < R; ++j) {
           x[j] += s2[j] * du;
-          ds[j] += vec[kK][warp + W * j] * du;  // ds now = grad wrt s2
+          ds[j] += vec[kK][warp * R + j] * du;  // ds now = grad wrt s2
         }
       } else if (warp == 0 && c.col_ok) {
         p.dv[tv] = dvp;
@@ -447,7 +478,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
         part = 0.f;
 #pragma unroll
         for (int j = 0; j < R; ++j) {
-          part += vec[kB][warp + W * j] * ds[j];
+          part += vec[kB][warp * R + j] * ds[j];
           x[j] = ds[j] * st.w;
         }
         write_rows<R, W>(p.db_part, x, t, p, c, BT);
@@ -462,7 +493,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
         part = 0.f;
 #pragma unroll
         for (int j = 0; j < R; ++j) {
-          const float e = ds[j] * sp[j] * in.gamma * vec[kAlpha][warp + W * j];
+          const float e = ds[j] * sp[j] * in.gamma * vec[kAlpha][warp * R + j];
           x[j] = e;
           part += e;
         }
@@ -479,7 +510,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       // dS_{t-1} = gamma alpha dS' + a dw^T
 #pragma unroll
       for (int j = 0; j < R; ++j) {
-        const int r = warp + W * j;
+        const int r = warp * R + j;
         ds[j] = ds[j] * in.gamma * vec[kAlpha][r] + (p.a ? vec[kA][r] * dw : 0.f);
       }
     }

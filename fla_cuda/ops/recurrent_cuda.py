@@ -108,7 +108,9 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "recurrent_fwd"):
         if beta is None:
             dbeta = None
         elif beta.dim() == 3:
-            dbeta = _fold_heads(dbeta, B, T, beta.shape[2])
+            dbeta = _fold_heads(dbeta, B, T, beta.shape[2]).to(beta.dtype)
+        else:
+            dbeta = dbeta.to(beta.dtype)
         da = _fold_heads(da, B, T, H).to(a.dtype) if a is not None else None
         db = _fold_heads(db, B, T, H).to(b.dtype) if b is not None else None
         dh0 = dh0 if need_dh0 else None
@@ -140,7 +142,9 @@ def fused_recurrent_cuda(q, k, v, *, g=None, gk=None, gv=None, beta=None, a=None
     if cu_seqlens is not None and cu_seqlens.dtype != torch.int64:
         cu_seqlens = cu_seqlens.long()
     o, ht, _ = torch.ops.fla_cuda.recurrent_fwd(
-        q.contiguous(), _same(k, dtype), _same(v, dtype), _f32(g), _f32(gk), _f32(gv), _f32(beta),
+        q.contiguous(), _same(k, dtype), _same(v, dtype), _f32(g), _f32(gk), _f32(gv),
+        # beta is read in q's dtype as is (no cast kernel in the decode step), else as fp32
+        None if beta is None else (beta.contiguous() if beta.dtype == dtype else _f32(beta)),
         _same(a, dtype), _same(b, dtype), _f32(initial_state),
         None if cu_seqlens is None else cu_seqlens.contiguous(),
         float(scale), bool(reverse), bool(delta), bool(use_qk_l2norm), bool(output_final_state),
