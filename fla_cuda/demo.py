@@ -52,19 +52,20 @@ FAMILIES = {
 }
 
 
-def main() -> None:
+def main(shape: tuple | None = None, decode_steps: int = 32) -> dict[str, float]:
+    """Run the demo; ``shape`` (B, T, H, K, V) overrides the default. Returns the decode errors."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    B, T, H, K, V = (2, 2048, 8, 128, 128) if on_gpu else (1, 1024, 4, 64, 64)
-    decode_steps = 32
+    B, T, H, K, V = shape or ((2, 2048, 8, 128, 128) if on_gpu else (1, 1024, 4, 64, 64))
     where = torch.cuda.get_device_name(device) if on_gpu else "CPU"
     print(f"fla_cuda {fla_cuda.__version__} demo on {where}: B={B} T={T} H={H} K={K} V={V} {dtype}")
     print(f"(extension {'loaded' if fla_cuda.HAS_EXTENSION else 'not built: PyTorch paths only'})\n")
     torch.manual_seed(0)
     q, k, v, g, gk, beta = _inputs(B, T, H, K, V, dtype, device)
     reps = 10 if on_gpu else 2
-    print(f"{'family':<18} {'op':<34} {'backend':<12} {'ms':>9}  note")
+    print(f"{'family':<18} {'op':<46} {'backend':<9} {'ms':>9}  note")
+    errors = {}
     for fam, (chunk_name, rec_name, call) in FAMILIES.items():
         chunk_op, rec_op = getattr(fla_cuda, chunk_name), getattr(fla_cuda, rec_name)
         chunk_backend = "cuda" if backend.use_cuda(chunk_name, q, K, V) else "pytorch"
@@ -78,8 +79,8 @@ def main() -> None:
 
         ms_fwd = _time(lambda: call(chunk_op, q, k, v, g, gk, beta), device, reps)
         ms_fb = _time(fwd_bwd, device, reps)
-        print(f"{fam:<18} {chunk_name + ' fwd':<34} {chunk_backend:<12} {ms_fwd:9.3f}")
-        print(f"{'':<18} {chunk_name + ' fwd+bwd':<34} {chunk_backend:<12} {ms_fb:9.3f}")
+        print(f"{fam:<18} {chunk_name + ' fwd':<46} {chunk_backend:<9} {ms_fwd:9.3f}")
+        print(f"{'':<18} {chunk_name + ' fwd+bwd':<46} {chunk_backend:<9} {ms_fb:9.3f}")
 
         # Prefill T - decode_steps tokens in one chunked call, then decode token by token.
         with torch.no_grad():
@@ -98,9 +99,11 @@ def main() -> None:
             o_dec = torch.cat(outs, dim=1).float()
             ref = o_full[:, P:].float()
             err = ((o_dec - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
-        print(f"{'':<18} {rec_name + ' decode step':<34} {rec_backend:<12} {ms_step:9.3f}  "
+        print(f"{'':<18} {rec_name + ' decode step':<46} {rec_backend:<9} {ms_step:9.3f}  "
               f"decode vs one-shot rel. RMS error {err:.1e}")
+        errors[fam] = err
     print("\n`python -m fla_cuda info` lists the backend of every op.")
+    return errors
 
 
 if __name__ == "__main__":
