@@ -119,7 +119,7 @@ EOF
 
     if [[ $SANITIZE -eq 1 ]]; then
         local tool=${SANITIZE_TOOL:-memcheck}
-        local k=${SANITIZE_K:-not 2049 and not 4096 and not 8192 and not 16384 and not 32768 and not large and not slow}
+        local k=${SANITIZE_K:-not fla and not compile and not opcheck and not long_sequence and not 2049}
         section "compute-sanitizer --tool $tool (gpu tests, -k '$k')"
         local cs
         cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
