@@ -106,6 +106,7 @@ EOF
         tests_rc=$?
         if [[ $tests_rc -eq 5 ]]; then tests_rc=0; fi    # 5: nothing collected
         echo "pytest exit status: $tests_rc"
+        [[ -f "$OUTDIR/pytest.xml" ]] && "$PY" scripts/junit_summary.py "$OUTDIR/pytest.xml" "$OUTDIR/tests.json"
     fi
 
     if [[ $RUN_BENCH -eq 1 ]]; then

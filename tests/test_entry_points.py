@@ -18,3 +18,18 @@ def test_demo_decode_matches_one_shot():
     assert set(errors) == set(demo.FAMILIES)
     for fam, err in errors.items():
         assert err < 1e-5, (fam, err)
+
+
+def test_junit_summary(tmp_path):
+    """The GPU runner's test summary JSON counts outcomes and keeps failure messages."""
+    sys.path.insert(0, "scripts")
+    from junit_summary import summarize
+    xml = tmp_path / "r.xml"
+    xml.write_text('<testsuites><testsuite>'
+                   '<testcase classname="t" name="a"/>'
+                   '<testcase classname="t" name="b"><failure message="boom"/></testcase>'
+                   '<testcase classname="t" name="c"><skipped message="no gpu"/></testcase>'
+                   '</testsuite></testsuites>')
+    s = summarize(str(xml))
+    assert (s["passed"], s["failed"], s["skipped"]) == (1, 1, 1)
+    assert s["failures"] == [{"test": "t::b", "message": "boom"}]
