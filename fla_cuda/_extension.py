@@ -18,7 +18,7 @@ def _load() -> bool:
     global LOAD_ERROR
     candidates = sorted(glob.glob(os.path.join(_HERE, "_C*.so")))
     if not candidates:
-        LOAD_ERROR = "the CUDA extension was not built (no nvcc at install time)"
+        LOAD_ERROR = "not built (no nvcc at install time, or FLA_CUDA_SKIP=1)"
         return False
     try:
         torch.ops.load_library(candidates[0])
