@@ -374,9 +374,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     if a.device is None:
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            # The floors and the baselines are GPU numbers: a silent CPU run of the default
+            # shapes would take many minutes and mean nothing.
+            p.error("no CUDA device: run the benchmark on a GPU host (or --dry-run / --device cpu "
+                    "for a CPU smoke run)")
+        a.device = "cuda"
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is available (use --device cpu or --dry-run)")
+    if a.update_results and not a.device.startswith("cuda"):
+        p.error("--update-results records GPU results: it needs --device cuda")
     return a
 
 

@@ -346,3 +346,14 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert (out / "results.md").read_text().count("\n") == len(rows) + 2
     assert json.loads((out / "meta.json").read_text())["device"] == "cpu"
     assert "| chunk_simple_gla | fwd |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU guard")
+def test_no_silent_cpu_benchmark():
+    """Without a GPU the default run refuses (GPU floors would be meaningless), and CPU numbers
+    never overwrite the recorded GPU results."""
+    with pytest.raises(SystemExit):
+        bench.parse_args([])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--update-results"])
+    assert bench.parse_args(["--dry-run"]).device == "cpu"
