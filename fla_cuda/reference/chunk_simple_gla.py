@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.utils import pad_to_chunks
+
 
 def _chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     """[B, T, H, ...] (T a multiple of C) -> [B, H, N, C, ...]."""
@@ -39,11 +41,8 @@ def _unchunks(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pad(x: torch.Tensor | None, C: int) -> torch.Tensor | None:
-    if x is None or x.shape[1] % C == 0:
-        return x
-    pad = list(x.shape)
-    pad[1] = C - x.shape[1] % C
-    return torch.cat([x, x.new_zeros(pad)], dim=1)  # zero keys/values, zero log gates: neutral
+    """Pad T to a multiple of C: zero keys/values and zero log gates are neutral."""
+    return None if x is None else pad_to_chunks(x, C)
 
 
 def _decays(g: torch.Tensor | None, B, H, N, C, like):
