@@ -2,6 +2,7 @@
 // implementations. Fake (meta) implementations and autograd live in Python
 // (fla_cuda/ops/recurrent_cuda.py), as in pytorch/extension-cpp.
 #include "common/stable.h"
+#include "chunk/chunk_api.h"
 #include "recurrent/recurrent_api.h"
 
 STABLE_TORCH_LIBRARY(fla_cuda, m) {
@@ -14,9 +15,18 @@ STABLE_TORCH_LIBRARY(fla_cuda, m) {
       "Tensor? a, Tensor? b, Tensor? cu_seqlens, Tensor checkpoints, Tensor do, Tensor? dht, float scale, "
       "bool reverse, bool delta, bool l2norm_qk, bool need_dh0) -> (Tensor dq_part, Tensor dk_part, Tensor dv, "
       "Tensor dg_part, Tensor dgk_part, Tensor dgv, Tensor dbeta, Tensor da_part, Tensor db_part, Tensor dh0)");
+  m.def(
+      "chunk_simple_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? g_gamma, Tensor? h0, "
+      "Tensor? cu_seqlens, float scale, bool output_final_state) -> (Tensor o, Tensor ht)");
+  m.def(
+      "chunk_simple_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? g_gamma, Tensor? h0, "
+      "Tensor? cu_seqlens, Tensor do, Tensor? dht, float scale, bool need_dg, bool need_dh0) -> "
+      "(Tensor dq, Tensor dk, Tensor dv, Tensor dq_dots, Tensor dk_dots, Tensor dh0)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fla_cuda, CUDA, m) {
   m.impl("recurrent_fwd", TORCH_BOX(&fla::recurrent_fwd));
   m.impl("recurrent_bwd", TORCH_BOX(&fla::recurrent_bwd));
+  m.impl("chunk_simple_gla_fwd", TORCH_BOX(&fla::chunk_simple_gla_fwd));
+  m.impl("chunk_simple_gla_bwd", TORCH_BOX(&fla::chunk_simple_gla_bwd));
 }

@@ -9,6 +9,7 @@ PyTorch path everywhere (debugging, A/B comparisons).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,23 +22,26 @@ class KernelSpec:
     cpp_op: str                      # name under torch.ops.fla_cuda
     dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32)
     max_head_dim: int = 256
+    head_dims: tuple | None = None   # the only head dims the kernel takes (None: any up to max)
 
 
 _RECURRENT = KernelSpec("recurrent_fwd")
+_CHUNK_SCALAR_GATE = KernelSpec("chunk_simple_gla_fwd", dtypes=(torch.float16, torch.bfloat16),
+                                head_dims=(64, 128, 256))
 
 # Every public op of the library, in the order `python -m fla_cuda info` lists them,
 # mapped to its CUDA kernel (None: PyTorch path only, the kernel has not landed yet).
 OPS: dict[str, KernelSpec | None] = {
-    "chunk_simple_gla": None,
-    "fused_chunk_simple_gla": None,
-    "parallel_simple_gla": None,
+    "chunk_simple_gla": _CHUNK_SCALAR_GATE,
+    "fused_chunk_simple_gla": _CHUNK_SCALAR_GATE,
+    "parallel_simple_gla": _CHUNK_SCALAR_GATE,
     "fused_recurrent_simple_gla": _RECURRENT,
-    "chunk_linear_attn": None,
-    "fused_chunk_linear_attn": None,
+    "chunk_linear_attn": _CHUNK_SCALAR_GATE,
+    "fused_chunk_linear_attn": _CHUNK_SCALAR_GATE,
     "fused_recurrent_linear_attn": _RECURRENT,
-    "chunk_retention": None,
-    "fused_chunk_retention": None,
-    "parallel_retention": None,
+    "chunk_retention": _CHUNK_SCALAR_GATE,
+    "fused_chunk_retention": _CHUNK_SCALAR_GATE,
+    "parallel_retention": _CHUNK_SCALAR_GATE,
     "fused_recurrent_retention": _RECURRENT,
     "chunk_gla": None,
     "fused_recurrent_gla": _RECURRENT,
@@ -63,14 +67,36 @@ def kernel_available(op: str) -> bool:
             and hasattr(torch.ops.fla_cuda, spec.cpp_op))
 
 
+_warned: set = set()
+
+
+def _outside_envelope(spec: KernelSpec, x: torch.Tensor, head_dims) -> str | None:
+    if x.dtype not in spec.dtypes:
+        return f"dtype {x.dtype}"
+    if spec.head_dims is not None and any(d not in spec.head_dims for d in head_dims):
+        return f"head dims {tuple(head_dims)} (it takes {spec.head_dims})"
+    if any(d > spec.max_head_dim for d in head_dims):
+        return f"head dims {tuple(head_dims)} (at most {spec.max_head_dim})"
+    return None
+
+
 def use_cuda(op: str, x: torch.Tensor, *head_dims: int) -> bool:
-    """Whether a call of ``op`` on inputs like ``x`` (and these head dims) runs its kernel."""
+    """Whether a call of ``op`` on inputs like ``x`` (and these head dims) runs its kernel.
+
+    Inputs on a supported GPU but outside the kernel's envelope run the PyTorch path with a
+    one-time warning per (op, reason), so a slow path is never taken silently."""
     if forced_torch() or not x.is_cuda or not kernel_available(op):
         return False
-    spec = OPS[op]
-    if x.dtype not in spec.dtypes or any(d > spec.max_head_dim for d in head_dims):
+    if not _extension.cuda_arch_supported(x.device):
         return False
-    return _extension.cuda_arch_supported(x.device)
+    why = _outside_envelope(OPS[op], x, head_dims)
+    if why is not None:
+        if (op, why) not in _warned:
+            _warned.add((op, why))
+            warnings.warn(f"fla_cuda: {op} has no CUDA kernel for {why}; running the (slower) PyTorch path",
+                          stacklevel=3)
+        return False
+    return True
 
 
 def describe(device: torch.device | str) -> dict[str, str]:

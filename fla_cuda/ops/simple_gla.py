@@ -170,6 +170,7 @@ def run_simple_gla(op, q, k, v, g=None, g_gamma=None, scale=None, initial_state=
                    chunk_size=CHUNK_SIZE, recurrent=False, o_dtype=None):
     """Validate, then run the CUDA recurrence (``recurrent`` ops, when available) or the
     chunkwise PyTorch path. ``op`` is the public op name given to ``backend.use_cuda``."""
+    g_step, g_const = g, g_gamma
     g, scale, _ = validate(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
                            reverse=reverse, state_v_first=state_v_first)
     h0 = swap_state_layout(initial_state, state_v_first)
@@ -178,6 +179,12 @@ def run_simple_gla(op, q, k, v, g=None, g_gamma=None, scale=None, initial_state=
         o, ht = fused_recurrent_cuda(
             q, k, v, g=None if g is None else g.float(), scale=scale, initial_state=h0,
             output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu_seqlens)
+        if o_dtype is not None:
+            o = o.to(o_dtype)
+    elif not recurrent and not reverse and backend.use_cuda(op, q, q.shape[-1], v.shape[-1]):
+        from .chunk_cuda import chunk_simple_gla_cuda
+        o, ht = chunk_simple_gla_cuda(q, k, v, g=g_step, g_gamma=g_const, scale=scale, initial_state=h0,
+                                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
         if o_dtype is not None:
             o = o.to(o_dtype)
     else:

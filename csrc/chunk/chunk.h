@@ -1,0 +1,64 @@
+// The chunkwise form of the scalar-gate recurrence (simple GLA, linear attention,
+// retention) on tensor cores: one "pass" kernel, run once for the forward and three
+// times for the backward.
+//
+// A pass walks one sequence in chunks of C = 64 positions (processing order: forward in
+// time, or backward with `reverse`), carrying a [DK, BV] fp32 state S in registers:
+//
+//   G_i   = gamma_1 + ... + gamma_i            (cumulative log gate inside the chunk)
+//   O     = scale_inter * diag(exp(G)) Q S  +  scale_intra * ((Q K^T) * D) V
+//   S     = exp(G_last) S  +  scale_update * (K * exp(G_last - G))^T V
+//
+// with D_ij = exp(G_i - G_j) for j <= i, else 0. The forward is the pass on (q, k, v);
+// the backward (see chunk_api.cpp) is the same pass on (do, v, k), then reversed on
+// (v, do, q) and (k, q, do): dq, dk and dv are each the output of one pass.
+//
+// In reverse processing order the gate of position p is g at time t + 1 (the decay
+// between step t and the step after it), 0 at the first position, and the final state
+// gets the one gate left over (g at the sequence's first step): that makes the
+// reverse pass propagate dL/dS exactly as the forward propagates S.
+//
+// Layouts (contiguous):
+//   q, k           [B*T, H, DK]   input dtype
+//   v, o, dot_with [B*T, H, DV]   input dtype
+//   g              [B*T, H]       fp32 (or g_gamma [H], or neither: no decay)
+//   h0, ht         [N, H] x (DK, DV) fp32, element strides of the last two given
+//   dots           [DV / BV, B*T, H] fp32: per value tile, <fp32 output row, dot_with row>
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fla {
+
+constexpr int kChunk = 64;
+
+struct ChunkParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  const float* g;            // per-step log gates, or null
+  const float* g_gamma;      // constant per-head log gate, or null
+  const float* h0;           // may be null (zero state)
+  float* ht;                 // may be null
+  int64_t state_stride_k;    // element strides of the DK and DV dims of h0 / ht
+  int64_t state_stride_v;
+  const void* dot_with;      // may be null
+  float* dots;               // with dot_with
+  const int64_t* cu_seqlens; // [N + 1] or null
+  int B, T, H, DK, DV, N;
+  float scale_intra, scale_inter, scale_update;
+  bool reverse;
+};
+
+// Value columns per thread block: the state tile [DK, BV] stays in registers.
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+constexpr int chunk_value_tile(int DK) { return DK >= 256 ? 32 : 64; }
+
+template <typename Elem, int DK>
+void run_chunk_pass(const ChunkParams& p, cudaStream_t stream);
+
+}  // namespace fla

@@ -1,0 +1,170 @@
+// Host side of the chunk kernels: checks, allocation, and the passes that make the
+// forward and the backward (the pass and its math: chunk.h).
+#include "chunk/chunk_api.h"
+
+#include "chunk/chunk.h"
+#include "common/cuda_check.h"
+
+namespace fla {
+
+namespace {
+
+struct Dims {
+  int64_t B, T, H, K, V, N;
+};
+
+bool is_chunk_head_dim(int64_t d) { return d == 64 || d == 128 || d == 256; }
+
+Dims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& g,
+                  const std::optional<Tensor>& g_gamma, const std::optional<Tensor>& cu_seqlens) {
+  check_cuda_tensor(q, "q", q);
+  check_cuda_tensor(k, "k", q);
+  check_cuda_tensor(v, "v", q);
+  STD_TORCH_CHECK(q.dim() == 4 && v.dim() == 4, "fla_cuda: q and v must be [B, T, H, D]");
+  Dims d{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3), q.size(0)};
+  check_sizes(k, "k", {d.B, d.T, d.H, d.K});
+  check_sizes(v, "v", {d.B, d.T, d.H, d.V});
+  STD_TORCH_CHECK(q.scalar_type() == ScalarType::BFloat16 || q.scalar_type() == ScalarType::Half,
+                  "fla_cuda: the chunk kernels take float16 or bfloat16 q, k, v");
+  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                  "fla_cuda: q, k, v must share one dtype");
+  STD_TORCH_CHECK(is_chunk_head_dim(d.K) && is_chunk_head_dim(d.V),
+                  "fla_cuda: the chunk kernels take head dims K, V in {64, 128, 256}");
+  STD_TORCH_CHECK(!(g.has_value() && g_gamma.has_value()), "fla_cuda: pass g or g_gamma, not both");
+  if (cu_seqlens.has_value()) {
+    check_cuda_tensor(*cu_seqlens, "cu_seqlens", q);
+    STD_TORCH_CHECK(cu_seqlens->scalar_type() == ScalarType::Long && cu_seqlens->dim() == 1 &&
+                        cu_seqlens->size(0) >= 2 && d.B == 1,
+                    "fla_cuda: cu_seqlens must be int64 [N + 1] with B == 1");
+    d.N = cu_seqlens->size(0) - 1;
+  }
+  return d;
+}
+
+// A pass over (q, k, v) with the gates and sequences of the op; the caller sets the rest.
+ChunkParams pass_params(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& o, const float* g,
+                        const float* g_gamma, const std::optional<Tensor>& cu_seqlens, const Dims& d) {
+  ChunkParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = o.data_ptr();
+  p.g = g;
+  p.g_gamma = g_gamma;
+  p.cu_seqlens = cu_seqlens.has_value() ? static_cast<const int64_t*>(cu_seqlens->data_ptr()) : nullptr;
+  p.B = static_cast<int>(d.B);
+  p.T = static_cast<int>(d.T);
+  p.H = static_cast<int>(d.H);
+  p.DK = static_cast<int>(q.size(3));
+  p.DV = static_cast<int>(v.size(3));
+  p.N = static_cast<int>(d.N);
+  p.state_stride_k = p.DV;  // a [DK, DV] state; transposed states swap these
+  p.state_stride_v = 1;
+  return p;
+}
+
+void run_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) {
+  FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
+    if constexpr (std::is_same_v<Elem, float>) {
+      STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
+    } else {
+      switch (p.DK) {
+        case 64: run_chunk_pass<Elem, 64>(p, stream); break;
+        case 128: run_chunk_pass<Elem, 128>(p, stream); break;
+        case 256: run_chunk_pass<Elem, 256>(p, stream); break;
+        default: STD_TORCH_CHECK(false, "fla_cuda: chunk head dim must be 64, 128 or 256");
+      }
+    }
+  });
+}
+
+int64_t value_tiles(int64_t dk, int64_t dv) { return dv / chunk_value_tile(static_cast<int>(dk)); }
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> chunk_simple_gla_fwd(Tensor q, Tensor k, Tensor v, std::optional<Tensor> g,
+                                                std::optional<Tensor> g_gamma, std::optional<Tensor> h0,
+                                                std::optional<Tensor> cu_seqlens, double scale,
+                                                bool output_final_state) {
+  const Dims d = check_inputs(q, k, v, g, g_gamma, cu_seqlens);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device());
+  const float* gp = opt_f32(g, "g", q, {d.B, d.T, d.H});
+  const float* gammap = opt_f32(g_gamma, "g_gamma", q, {d.H});
+  Tensor o = torch::stable::new_empty(q, {d.B, d.T, d.H, d.V});
+  Tensor ht = output_final_state ? empty_f32(q, {d.N, d.H, d.K, d.V}) : nothing(q);
+  ChunkParams p = pass_params(q, k, v, o, gp, gammap, cu_seqlens, d);
+  p.h0 = opt_f32(h0, "initial_state", q, {d.N, d.H, d.K, d.V});
+  p.ht = output_final_state ? static_cast<float*>(ht.data_ptr()) : nullptr;
+  p.scale_intra = p.scale_inter = static_cast<float>(scale);
+  p.scale_update = 1.f;
+  p.reverse = false;
+  run_pass(p, q, current_stream(q));
+  return {o, ht};
+}
+
+// With L = dLoss/dS (the state gradient, [K, V]):
+//   dq = pass(do, v, k; state h0^T, forward)           scales (s, s, 1)
+//   dk = pass(v, do, q; state dht^T, reverse)          scales (s, 1, s)
+//   dv = pass(k, q, do; state dht, reverse) -> dh0     scales (s, 1, s)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
+    Tensor q, Tensor k, Tensor v, std::optional<Tensor> g, std::optional<Tensor> g_gamma,
+    std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens, Tensor dout, std::optional<Tensor> dht,
+    double scale, bool need_dg, bool need_dh0) {
+  const Dims d = check_inputs(q, k, v, g, g_gamma, cu_seqlens);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device());
+  check_cuda_tensor(dout, "do", q);
+  check_sizes(dout, "do", {d.B, d.T, d.H, d.V});
+  STD_TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "fla_cuda: do must have q's dtype");
+  const float* gp = opt_f32(g, "g", q, {d.B, d.T, d.H});
+  const float* gammap = opt_f32(g_gamma, "g_gamma", q, {d.H});
+  const float* h0p = opt_f32(h0, "initial_state", q, {d.N, d.H, d.K, d.V});
+  const float* dhtp = opt_f32(dht, "dht", q, {d.N, d.H, d.K, d.V});
+  const float s = static_cast<float>(scale);
+  cudaStream_t stream = current_stream(q);
+
+  Tensor dq = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
+  Tensor dk = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
+  Tensor dv = torch::stable::new_empty(q, {d.B, d.T, d.H, d.V});
+  const int64_t tiles_k = value_tiles(d.V, d.K);   // dq and dk passes: q/k role has head dim V
+  Tensor dq_dots = need_dg ? empty_f32(q, {tiles_k, d.B * d.T, d.H}) : nothing(q);
+  Tensor dk_dots = need_dg ? empty_f32(q, {tiles_k, d.B * d.T, d.H}) : nothing(q);
+  Tensor dh0 = need_dh0 ? empty_f32(q, {d.N, d.H, d.K, d.V}) : nothing(q);
+
+  ChunkParams pq = pass_params(dout, v, k, dq, gp, gammap, cu_seqlens, d);
+  pq.h0 = h0p;
+  pq.state_stride_k = 1;           // h0^T: the pass state is [V, K]
+  pq.state_stride_v = d.V;
+  pq.scale_intra = pq.scale_inter = s;
+  pq.scale_update = 1.f;
+  if (need_dg) {
+    pq.dot_with = q.data_ptr();
+    pq.dots = static_cast<float*>(dq_dots.data_ptr());
+  }
+  run_pass(pq, q, stream);
+
+  ChunkParams pk = pass_params(v, dout, q, dk, gp, gammap, cu_seqlens, d);
+  pk.h0 = dhtp;
+  pk.state_stride_k = 1;           // dht^T
+  pk.state_stride_v = d.V;
+  pk.scale_intra = s;
+  pk.scale_inter = 1.f;
+  pk.scale_update = s;
+  pk.reverse = true;
+  if (need_dg) {
+    pk.dot_with = k.data_ptr();
+    pk.dots = static_cast<float*>(dk_dots.data_ptr());
+  }
+  run_pass(pk, q, stream);
+
+  ChunkParams pv = pass_params(k, q, dout, dv, gp, gammap, cu_seqlens, d);
+  pv.h0 = dhtp;
+  pv.ht = need_dh0 ? static_cast<float*>(dh0.data_ptr()) : nullptr;
+  pv.scale_intra = s;
+  pv.scale_inter = 1.f;
+  pv.scale_update = s;
+  pv.reverse = true;
+  run_pass(pv, q, stream);
+  return {dq, dk, dv, dq_dots, dk_dots, dh0};
+}
+
+}  // namespace fla

@@ -1,0 +1,22 @@
+// Op entry points of the chunkwise scalar-gate kernels (registered in ops.cpp).
+#pragma once
+#include <tuple>
+
+#include "common/stable.h"
+
+namespace fla {
+
+// o [B,T,H,V] (input dtype), ht [N,H,K,V] fp32 (empty unless output_final_state).
+std::tuple<Tensor, Tensor> chunk_simple_gla_fwd(Tensor q, Tensor k, Tensor v, std::optional<Tensor> g,
+                                                std::optional<Tensor> g_gamma, std::optional<Tensor> h0,
+                                                std::optional<Tensor> cu_seqlens, double scale,
+                                                bool output_final_state);
+
+// dq, dk, dv (input dtype); dq_dots, dk_dots [tiles, B*T, H] fp32 per-tile partials of
+// <q, dq> and <k, dk> (empty unless need_dg); dh0 [N,H,K,V] fp32 (empty unless need_dh0).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
+    Tensor q, Tensor k, Tensor v, std::optional<Tensor> g, std::optional<Tensor> g_gamma,
+    std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens, Tensor dout, std::optional<Tensor> dht,
+    double scale, bool need_dg, bool need_dh0);
+
+}  // namespace fla

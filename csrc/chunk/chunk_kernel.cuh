@@ -1,0 +1,374 @@
+// The chunk pass kernel (math in chunk.h). One thread block = one (value tile, head,
+// sequence); 4 warps. Per chunk, with the chunk's q, k, v in shared memory:
+//
+//   S_qk = Q K^T                      (C, C)    warp w owns rows 16w..16w+15
+//   P    = S_qk * D * scale_intra     registers, becomes the A operand of the next MMA
+//   O    = diag(exp(G)) Q Ht^T * scale_inter + P V
+//   S    = exp(G_last) S + K^T (V * exp(G_last - G))      (DK, BV), rows over warps
+//
+// All matmuls are SM80 m16n8k16 tensor-core MMAs (bf16/fp16 in, fp32 accumulate); the
+// state S lives in fp32 registers and is copied to shared memory in the input dtype
+// (Ht, [BV, DK]) for the Q S product, as FLA does. The next chunk's q, k, v stream in
+// with cp.async while the current one is computed (two stages).
+#pragma once
+#include <cute/tensor.hpp>
+
+#include "chunk/chunk.h"
+#include "common/cuda_check.h"
+
+namespace fla {
+namespace chunk {
+
+using namespace cute;
+
+// Gates are clamped from below: -inf - (-inf) would be NaN; exp(-1e4) is 0 anyway.
+constexpr float kMinLogGate = -1e4f;
+
+template <typename T> struct CuteType { using type = T; };
+template <> struct CuteType<__nv_bfloat16> { using type = cute::bfloat16_t; };
+template <> struct CuteType<__half> { using type = cute::half_t; };
+
+// Shared-memory tiles: rows of 64 (or 32) elements, swizzled so that ldmatrix of 8 rows
+// hits 8 different bank groups; 16-byte vectors stay contiguous.
+template <int Cols>
+CUTE_HOST_DEVICE constexpr auto smem_atom() {
+  if constexpr (Cols % 64 == 0) {
+    return composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{});
+  } else {
+    static_assert(Cols % 32 == 0);
+    return composition(Swizzle<2, 3, 3>{}, Layout<Shape<_8, _32>, Stride<_32, _1>>{});
+  }
+}
+template <int Rows, int Cols>
+using SmemTile = decltype(tile_to_shape(smem_atom<Cols>(), Shape<Int<Rows>, Int<Cols>>{}));
+// (Cols, Rows) view of a (Rows, Cols) tile: operands that must be read transposed.
+template <int Rows, int Cols>
+using SmemTileT = decltype(composition(SmemTile<Rows, Cols>{},
+                                       make_layout(Shape<Int<Cols>, Int<Rows>>{}, GenRowMajor{})));
+
+template <typename Elem_, int DK_>
+struct Traits {
+  using Elem = typename CuteType<Elem_>::type;
+  static constexpr int C = kChunk;
+  static constexpr int DK = DK_;
+  static constexpr int BV = chunk_value_tile(DK_);
+  static constexpr int kThreads = 128;
+  using MmaOp = std::conditional_t<std::is_same_v<Elem, cute::bfloat16_t>, SM80_16x8x16_F32BF16BF16F32_TN,
+                                   SM80_16x8x16_F32F16F16F32_TN>;
+  // 4 warps stacked along M: a warp owns 16 rows of every product (64-row tiles).
+  using TiledMma = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<_4, _1, _1>>, Tile<_64, _16, _16>>;
+  using LdsmN = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
+  using LdsmT = Copy_Atom<SM75_U16x8_LDSM_T, Elem>;
+
+  using LayoutQK = SmemTile<C, DK>;     // q, k chunk            (C, DK)
+  using LayoutKt = SmemTileT<C, DK>;    // k read as (DK, C)
+  using LayoutV = SmemTile<C, BV>;      // v, scaled v           (C, BV)
+  using LayoutVt = SmemTileT<C, BV>;    // read as (BV, C)
+  using LayoutHt = SmemTile<BV, DK>;    // state^T, input dtype  (BV, DK)
+  using LayoutH = SmemTileT<BV, DK>;    // the same, as (DK, BV)
+
+  static constexpr int kQK = C * DK, kV = C * BV, kHt = BV * DK;
+  // two stages of q, k, v; scaled v; state^T; then two stages of cumulative gates
+  static constexpr int kElems = 2 * (2 * kQK + kV) + kV + kHt;
+  static constexpr int kSmemBytes = kElems * int(sizeof(Elem)) + 2 * C * int(sizeof(float));
+};
+
+// acc (C fragment, ((2,2), M, N)) -> A operand ((2,2,2), M, N/2): two n8 accumulator
+// blocks are one k16 block of the next product (the register layouts coincide).
+template <class L>
+CUTE_HOST_DEVICE auto acc_as_operand_a(L acc) {
+  auto l = logical_divide(acc, Shape<Underscore, Underscore, _2>{});   // ((2,2), M, (2, N/2))
+  return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
+}
+
+// acc += A B^T with A (M, K) and B (N, K) both in shared memory.
+template <class Tr, class TA, class TB, class Acc, class CopyA, class CopyB>
+__device__ __forceinline__ void gemm_ss(Acc& acc, TA const& sA, TB const& sB, CopyA, CopyB, int tid) {
+  typename Tr::TiledMma mma;
+  auto thr = mma.get_slice(tid);
+  Tensor tCrA = thr.partition_fragment_A(sA);                 // (MMA, MMA_M, MMA_K)
+  Tensor tCrB = thr.partition_fragment_B(sB);                 // (MMA, MMA_N, MMA_K)
+  auto copy_a = make_tiled_copy_A(CopyA{}, mma);
+  auto copy_b = make_tiled_copy_B(CopyB{}, mma);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  Tensor tCsA = thr_a.partition_S(sA);
+  Tensor tCsB = thr_b.partition_S(sB);
+  Tensor tCrA_v = thr_a.retile_D(tCrA);
+  Tensor tCrB_v = thr_b.retile_D(tCrB);
+  CUTE_STATIC_ASSERT_V(size<1>(tCrA) == size<1>(acc));        // MMA_M
+  CUTE_STATIC_ASSERT_V(size<1>(tCrB) == size<2>(acc));        // MMA_N
+  CUTE_STATIC_ASSERT_V(size<2>(tCrA) == size<2>(tCrB));       // MMA_K
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+    copy(copy_a, tCsA(_, _, kb), tCrA_v(_, _, kb));
+    copy(copy_b, tCsB(_, _, kb), tCrB_v(_, _, kb));
+    gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
+  }
+}
+
+// acc += A B^T with A already in registers (as an A operand) and B (N, K) in shared memory.
+template <class Tr, class RA, class TB, class Acc, class CopyB>
+__device__ __forceinline__ void gemm_rs(Acc& acc, RA const& tCrA, TB const& sB, CopyB, int tid) {
+  typename Tr::TiledMma mma;
+  auto thr = mma.get_slice(tid);
+  Tensor tCrB = thr.partition_fragment_B(sB);                 // (MMA, MMA_N, MMA_K)
+  auto copy_b = make_tiled_copy_B(CopyB{}, mma);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  Tensor tCsB = thr_b.partition_S(sB);
+  Tensor tCrB_v = thr_b.retile_D(tCrB);
+  CUTE_STATIC_ASSERT_V(size<1>(tCrB) == size<2>(acc));
+  CUTE_STATIC_ASSERT_V(size<2>(tCrA) == size<2>(tCrB));
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+    copy(copy_b, tCsB(_, _, kb), tCrB_v(_, _, kb));
+    gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
+  }
+}
+
+template <typename Elem>
+__device__ __forceinline__ void cp_async_16(Elem* smem, const Elem* gmem, bool valid) {
+  using V = cute::uint128_t;
+  SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<V>::copy(*reinterpret_cast<const V*>(gmem), *reinterpret_cast<V*>(smem),
+                                           valid);
+}
+
+template <typename Elem_, int DK>
+__global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__ ChunkParams p) {
+  using Tr = Traits<Elem_, DK>;
+  using Elem = typename Tr::Elem;
+  constexpr int C = Tr::C, BV = Tr::BV, kThreads = Tr::kThreads;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Elem* smem = reinterpret_cast<Elem*>(smem_raw);
+  Elem* const q_buf = smem;                       // [2][C*DK]
+  Elem* const k_buf = q_buf + 2 * Tr::kQK;        // [2][C*DK]
+  Elem* const v_buf = k_buf + 2 * Tr::kQK;        // [2][C*BV]
+  Elem* const vs_buf = v_buf + 2 * Tr::kV;        // [C*BV]  v * exp(G_last - G)
+  Elem* const ht_buf = vs_buf + Tr::kV;           // [BV*DK]
+  float* const g_buf = reinterpret_cast<float*>(ht_buf + Tr::kHt);   // [2][C] cumulative gates
+
+  const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t H = p.H, DV = p.DV;
+  int64_t bos = int64_t(n) * p.T, len = p.T;
+  if (p.cu_seqlens != nullptr) {
+    bos = p.cu_seqlens[n];
+    len = p.cu_seqlens[n + 1] - bos;
+  }
+  const int num_chunks = int((len + C - 1) / C);
+  // token (row of the [B*T, H, D] inputs) at processing position pos
+  auto token = [&](int64_t pos) { return bos + (p.reverse ? len - 1 - pos : pos); };
+  // log gate applied to the state before position pos (see chunk.h for the reverse shift)
+  auto gate = [&](int64_t pos) -> float {
+    if (pos >= len || (p.reverse && pos == 0)) return 0.f;
+    const int64_t t = p.reverse ? bos + len - pos : bos + pos;
+    const float x = p.g != nullptr ? p.g[t * H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f);
+    return fmaxf(x, kMinLogGate);
+  };
+
+  const Elem* q = static_cast<const Elem*>(p.q) + h * DK;
+  const Elem* k = static_cast<const Elem*>(p.k) + h * DK;
+  const Elem* v = static_cast<const Elem*>(p.v) + h * DV + tile * BV;
+
+  auto load_chunk = [&](int c, int stage) {
+    Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
+    Tensor sK = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
+    Tensor sV = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutV{});     // (C, BV)
+    CUTE_UNROLL
+    for (int i = tid; i < C * DK / 8; i += kThreads) {
+      const int r = i / (DK / 8), col = i % (DK / 8) * 8;
+      const int64_t pos = int64_t(c) * C + r;
+      const bool valid = pos < len;
+      const int64_t off = valid ? token(pos) * H * DK + col : 0;
+      cp_async_16(&sQ(r, col), q + off, valid);
+      cp_async_16(&sK(r, col), k + off, valid);
+    }
+    CUTE_UNROLL
+    for (int i = tid; i < C * BV / 8; i += kThreads) {
+      const int r = i / (BV / 8), col = i % (BV / 8) * 8;
+      const int64_t pos = int64_t(c) * C + r;
+      const bool valid = pos < len;
+      cp_async_16(&sV(r, col), v + (valid ? token(pos) * H * DV + col : 0), valid);
+    }
+  };
+  // Warp 0 fetches a chunk's raw gates early and scans them late (latency hidden).
+  float raw_gate0 = 0.f, raw_gate1 = 0.f;
+  auto fetch_gates = [&](int c) {
+    raw_gate0 = gate(int64_t(c) * C + 2 * lane);
+    raw_gate1 = gate(int64_t(c) * C + 2 * lane + 1);
+  };
+  auto scan_gates = [&](int stage) {
+    const float pair = raw_gate0 + raw_gate1;
+    float incl = pair;
+    CUTE_UNROLL
+    for (int d = 1; d < 32; d *= 2) {
+      const float up = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += up;
+    }
+    g_buf[stage * C + 2 * lane] = incl - pair + raw_gate0;
+    g_buf[stage * C + 2 * lane + 1] = incl;
+  };
+
+  typename Tr::TiledMma mma;
+  auto thr_mma = mma.get_slice(tid);
+
+  // The state tile S (DK, BV) in fp32 registers.
+  Tensor accH = partition_fragment_C(mma, Shape<Int<DK>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
+  Tensor tHcH = thr_mma.partition_C(make_identity_tensor(Shape<Int<DK>, Int<BV>>{}));
+  CUTE_STATIC_ASSERT_V(size(accH) == size(tHcH));
+  const int64_t state_off = (int64_t(n) * H + h) * DK * DV + int64_t(tile) * BV * p.state_stride_v;
+  if (p.h0 != nullptr) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(accH); ++i)
+      accH(i) = p.h0[state_off + get<0>(tHcH(i)) * p.state_stride_k + get<1>(tHcH(i)) * p.state_stride_v];
+  } else {
+    clear(accH);
+  }
+  Tensor sH = make_tensor(make_smem_ptr(ht_buf), typename Tr::LayoutH{});   // (DK, BV)
+  Tensor tHsH = thr_mma.partition_C(sH);
+  auto store_state_smem = [&] {
+    CUTE_UNROLL
+    for (int i = 0; i < size(accH); ++i) tHsH(i) = static_cast<Elem>(accH(i));
+  };
+
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));    // coords of S_qk
+  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));   // coords of O
+
+  if (num_chunks > 0) {
+    load_chunk(0, 0);
+    cp_async_fence();
+    if (warp == 0) {
+      fetch_gates(0);
+      scan_gates(0);
+    }
+  }
+  store_state_smem();
+
+  for (int c = 0; c < num_chunks; ++c) {
+    const int stage = c & 1;
+    cp_async_wait<0>();
+    __syncthreads();                     // chunk c, its gates and the state copy are visible
+    if (c + 1 < num_chunks) {
+      load_chunk(c + 1, stage ^ 1);
+      if (warp == 0) fetch_gates(c + 1);
+    }
+    cp_async_fence();
+
+    Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
+    Tensor sK = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
+    Tensor sKt = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutKt{});  // (DK, C)
+    Tensor sV = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutV{});     // (C, BV)
+    Tensor sVt = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutVt{});   // (BV, C)
+    Tensor sVs = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutV{});                    // (C, BV)
+    Tensor sVst = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutVt{});                  // (BV, C)
+    Tensor sHt = make_tensor(make_smem_ptr(ht_buf), typename Tr::LayoutHt{});                   // (BV, DK)
+    const float* G = g_buf + stage * C;
+    const float g_last = G[C - 1];
+
+    // V scaled by its decay to the chunk end, for the state update (read after the next barrier).
+    CUTE_UNROLL
+    for (int i = tid; i < C * BV / 8; i += kThreads) {
+      const int r = i / (BV / 8), col = i % (BV / 8) * 8;
+      const float w = __expf(g_last - G[r]) * p.scale_update;
+      CUTE_UNROLL
+      for (int j = 0; j < 8; ++j) sVs(r, col + j) = static_cast<Elem>(static_cast<float>(sV(r, col + j)) * w);
+    }
+
+    // P = (Q K^T) * D * scale_intra
+    Tensor accS = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});      // (MMA, MMA_M, MMA_N)
+    clear(accS);
+    gemm_ss<Tr>(accS, sQ, sK, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
+    CUTE_UNROLL
+    for (int i = 0; i < size(accS); ++i) {
+      const int r = get<0>(tScS(i)), col = get<1>(tScS(i));
+      accS(i) = col <= r ? accS(i) * __expf(G[r] - G[col]) * p.scale_intra : 0.f;
+    }
+    Tensor rP = make_tensor_like<Elem>(accS);
+    CUTE_UNROLL
+    for (int i = 0; i < size(accS); ++i) rP(i) = static_cast<Elem>(accS(i));
+    Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));   // (MMA, MMA_M, C/16)
+
+    // O = diag(exp(G)) Q S * scale_inter + P V
+    Tensor accO = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
+    clear(accO);
+    gemm_ss<Tr>(accO, sQ, sHt, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
+    CUTE_UNROLL
+    for (int i = 0; i < size(accO); ++i) accO(i) *= __expf(G[get<0>(tOcO(i))]) * p.scale_inter;
+    gemm_rs<Tr>(accO, tOrP, sVt, typename Tr::LdsmT{}, tid);
+
+    // Epilogue. Optional per-row dot products with another tensor (dg of the backward).
+    if (p.dots != nullptr) {
+      const Elem* other = static_cast<const Elem*>(p.dot_with) + h * DV + tile * BV;
+      float part[2] = {0.f, 0.f};
+      CUTE_UNROLL
+      for (int i = 0; i < size(accO); ++i) {
+        const int r = get<0>(tOcO(i)), col = get<1>(tOcO(i));
+        const int64_t pos = int64_t(c) * C + r;
+        if (pos < len) part[(r / 8) & 1] += accO(i) * static_cast<float>(other[token(pos) * H * DV + col]);
+      }
+      CUTE_UNROLL
+      for (int j = 0; j < 2; ++j) {
+        part[j] += __shfl_xor_sync(0xffffffffu, part[j], 1);
+        part[j] += __shfl_xor_sync(0xffffffffu, part[j], 2);
+      }
+      const int r0 = warp * 16 + lane / 4;
+      if (lane % 4 == 0) {
+        CUTE_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          const int64_t pos = int64_t(c) * C + r0 + 8 * j;
+          if (pos < len) p.dots[(int64_t(tile) * p.B * p.T + token(pos)) * H + h] = part[j];
+        }
+      }
+    }
+    // O goes out through this warp's own rows of the q tile (no longer read): 16-byte stores.
+    __syncwarp();
+    Tensor tOsQ = thr_mma.partition_C(local_tile(sQ, Shape<Int<C>, Int<BV>>{}, make_coord(0, 0)));
+    CUTE_STATIC_ASSERT_V(size(tOsQ) == size(accO));
+    CUTE_UNROLL
+    for (int i = 0; i < size(accO); ++i) tOsQ(i) = static_cast<Elem>(accO(i));
+    __syncwarp();
+    Elem* o = static_cast<Elem*>(p.o) + h * DV + tile * BV;
+    CUTE_UNROLL
+    for (int i = lane; i < 16 * BV / 8; i += 32) {
+      const int r = warp * 16 + i / (BV / 8), col = i % (BV / 8) * 8;
+      const int64_t pos = int64_t(c) * C + r;
+      if (pos < len)
+        *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
+            *reinterpret_cast<const cute::uint128_t*>(&sQ(r, col));
+    }
+
+    __syncthreads();                     // scaled v written; every warp is done with the state copy
+    // S = exp(G_last) S + K^T Vs
+    const float a = __expf(g_last);
+    CUTE_UNROLL
+    for (int i = 0; i < size(accH); ++i) accH(i) *= a;
+    gemm_ss<Tr>(accH, sKt, sVst, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+    store_state_smem();
+    if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
+  }
+
+  if (p.ht != nullptr) {
+    // reverse: the first step's gate still applies (dL/dS_{-1} = exp(g_0) dL/dS_0)
+    const float a = (p.reverse && len > 0) ? __expf(fmaxf(
+        p.g != nullptr ? p.g[bos * H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f), kMinLogGate)) : 1.f;
+    CUTE_UNROLL
+    for (int i = 0; i < size(accH); ++i)
+      p.ht[state_off + get<0>(tHcH(i)) * p.state_stride_k + get<1>(tHcH(i)) * p.state_stride_v] = accH(i) * a;
+  }
+}
+
+}  // namespace chunk
+
+template <typename Elem, int DK>
+void run_chunk_pass(const ChunkParams& p, cudaStream_t stream) {
+  using Tr = chunk::Traits<Elem, DK>;
+  auto kernel = chunk::chunk_pass_kernel<Elem, DK>;
+  FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+  const dim3 grid(p.DV / Tr::BV, p.H, p.N);
+  if (grid.x * grid.y * grid.z == 0) return;
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  FLA_CHECK_LAUNCH();
+}
+
+}  // namespace fla

@@ -1,0 +1,128 @@
+"""The chunkwise scalar-gate CUDA kernels (simple GLA, linear attention, retention):
+fake implementations, autograd, Python entry.
+
+``fla_cuda::chunk_simple_gla_fwd`` / ``_bwd`` (csrc/chunk) run the tensor-core chunk pass:
+the forward once, the backward three times (dq forward in time; dk, dv reversed), so no
+per-chunk state is ever stored. The gate gradient comes from the identity
+
+    dg_t = sum_{i >= t} <q_i, dq_i> - sum_{j >= t} <k_j, dk_j> + <ht, dht>
+
+(every source j < t <= sink i pair carries g_t; ``reference/chunk_simple_gla.py``): the
+kernels emit the per-token dot products from their fp32 accumulators, and the reverse
+cumulative sum per sequence is done here in fp64.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16)
+MIN_LOG_GATE = -1e4   # the kernels clamp gates here (as the PyTorch path does)
+
+
+def value_tile(dk: int) -> int:
+    """Value columns per thread block of a pass whose q/k head dim is ``dk`` (chunk.h)."""
+    return 32 if dk >= 256 else 64
+
+
+def supports(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None if the chunk kernels take these inputs, else why not."""
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} (the chunk kernels take float16 or bfloat16)"
+    K, V = q.shape[-1], v.shape[-1]
+    if K not in HEAD_DIMS or V not in HEAD_DIMS:
+        return f"head dims K={K}, V={V} (the chunk kernels take 64, 128 or 256)"
+    return None
+
+
+def _reverse_cumsum_per_sequence(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, H] -> y_t = sum of x_s over s >= t within t's sequence (fp64)."""
+    rc = x.double().flip(1).cumsum(1).flip(1)
+    if cu_seqlens is None:
+        return rc
+    T = x.shape[1]
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    eos = torch.repeat_interleave(cu_seqlens[1:], lengths, output_size=T)     # [T]
+    rc_pad = torch.cat([rc, rc.new_zeros(1, 1, rc.shape[2])], dim=1)
+    return rc - rc_pad[:, eos]
+
+
+if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_simple_gla_fwd"):
+
+    @torch.library.register_fake("fla_cuda::chunk_simple_gla_fwd")
+    def _fwd_fake(q, k, v, g, g_gamma, h0, cu_seqlens, scale, output_final_state):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state \
+            else q.new_empty(0, dtype=torch.float32)
+        return q.new_empty(B, T, H, V), ht
+
+    @torch.library.register_fake("fla_cuda::chunk_simple_gla_bwd")
+    def _bwd_fake(q, k, v, g, g_gamma, h0, cu_seqlens, do, dht, scale, need_dg, need_dh0):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        f32 = dict(dtype=torch.float32)
+        tiles = K // value_tile(V)
+        dots = (q.new_empty(tiles, B * T, H, **f32) if need_dg else q.new_empty(0, **f32))
+        dh0 = q.new_empty(N, H, K, V, **f32) if need_dh0 else q.new_empty(0, **f32)
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dots,
+                torch.empty_like(dots), dh0)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, g, g_gamma, h0, cu_seqlens, scale, output_final_state = inputs
+        ctx.save_for_backward(q, k, v, g, g_gamma, h0, cu_seqlens, output[1])
+        ctx.scale = scale
+
+    def _backward(ctx, do, dht):
+        q, k, v, g, g_gamma, h0, cu_seqlens, ht = ctx.saved_tensors
+        B, T, H, _ = q.shape
+        if dht is not None and dht.numel() == 0:
+            dht = None
+        if do is None:  # only the final state was used
+            do = torch.zeros_like(v)
+        need_dg = (g is not None and ctx.needs_input_grad[3]) or (g_gamma is not None and ctx.needs_input_grad[4])
+        need_dh0 = h0 is not None and ctx.needs_input_grad[5]
+        dq, dk, dv, dq_dots, dk_dots, dh0 = torch.ops.fla_cuda.chunk_simple_gla_bwd(
+            q, k, v, g, g_gamma, h0, cu_seqlens, do.contiguous(),
+            None if dht is None else dht.float().contiguous(), ctx.scale, need_dg, need_dh0)
+        dg = dgamma = None
+        if need_dg:
+            per_token = (dq_dots.sum(0) - dk_dots.sum(0)).view(B, T, H)
+            dgt = _reverse_cumsum_per_sequence(per_token, cu_seqlens)
+            if dht is not None:   # the final state is a sink after every step
+                last = (ht.double() * dht.double()).sum((-1, -2))                       # [N, H]
+                if cu_seqlens is None:
+                    dgt = dgt + last[:, None, :]
+                else:
+                    seq = torch.repeat_interleave(torch.arange(last.shape[0], device=q.device),
+                                                  cu_seqlens[1:] - cu_seqlens[:-1], output_size=T)
+                    dgt = dgt + last[seq][None]
+            if g is not None:
+                dg = torch.where(g < MIN_LOG_GATE, 0.0, dgt).float()   # clamped gates get no gradient
+            else:
+                dgamma = torch.where(g_gamma < MIN_LOG_GATE, 0.0, dgt.sum((0, 1))).float()
+        return dq, dk, dv, dg, dgamma, (dh0 if need_dh0 else None), None, None, None
+
+    torch.library.register_autograd("fla_cuda::chunk_simple_gla_fwd", _backward, setup_context=_setup_context)
+
+
+def chunk_simple_gla_cuda(q, k, v, *, g=None, g_gamma=None, scale: float, initial_state=None,
+                          output_final_state=False, cu_seqlens=None):
+    """Chunkwise simple GLA on the CUDA kernels. Inputs must already be validated and inside
+    :func:`supports`. ``g`` [B, T, H] or ``g_gamma`` [H] log decays (or neither), any float
+    dtype (read in fp32); states [N, H, K, V] fp32. Returns ``(o, ht or None)``."""
+    dtype = q.dtype
+    if cu_seqlens is not None and cu_seqlens.dtype != torch.int64:
+        cu_seqlens = cu_seqlens.long()
+    o, ht = torch.ops.fla_cuda.chunk_simple_gla_fwd(
+        q.contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(),
+        None if g is None else g.float().contiguous(),
+        None if g_gamma is None else g_gamma.float().contiguous(),
+        None if initial_state is None else initial_state.float().contiguous(),
+        None if cu_seqlens is None else cu_seqlens.contiguous(),
+        float(scale), bool(output_final_state))
+    return o, (ht if output_final_state else None)
