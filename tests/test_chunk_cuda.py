@@ -15,6 +15,13 @@ from tests.utils import assert_close, err_ratio, log_gate, make_cu_seqlens
 pytestmark = pytest.mark.gpu
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 4e-3}
+# dg is a reverse cumulative sum of per-token differences <q, dq> - <k, dk> that cancel down to
+# a result ~100x smaller than its terms, so the bf16 rounding of the tensor-core operands (the
+# state, the decayed scores, the decayed values: the same points as FLA's Triton kernels) shows
+# up amplified. An fp64 emulation of exactly these roundings at T=2049, K=V=128 gives a relative
+# RMS error of 0.6e-2 to 2.3e-2 over seeds (dq, dk: 1.7e-3); weakly decaying gates (long memory)
+# and K=V=256 measured up to 4.3e-2 on the GPU.
+DG_TOL = 5e-2
 
 
 def make_inputs(B, T, H, K, V, dtype, gate="g", N=None, seed=0):
@@ -63,7 +70,7 @@ def run_pair(x, *, cu_seqlens=None, scale=None, grad=True):
 
 def check(ours, ref, tol):
     for n in ref:
-        assert_close(n, ref[n], ours[n], tol)
+        assert_close(n, ref[n], ours[n], max(tol, DG_TOL) if n in ("dg", "dg_gamma") else tol)
 
 
 @pytest.mark.parametrize("gate", ["g", "g_gamma", None])

@@ -24,6 +24,12 @@
 //   g              [B*T, H]       fp32 (or g_gamma [H], or neither: no decay)
 //   h0, ht         [N, H] x (DK, DV) fp32, element strides of the last two given
 //   dots           [DV / BV, B*T, H] fp32: per value tile, <fp32 output row, dot_with row>
+//
+// Long sequences with few heads are split into segments of seg_chunks chunks so that the
+// GPU fills up (issue: B=1, T=32768): a state-only launch writes each segment's local
+// state (from zero) and total log gate; the full launch then starts segment s from
+//   S_in(s) = exp(gamma(s-1)) S_in(s-1) + U(s-1),   S_in(0) = h0
+// folded in a fixed order (deterministic). seg_states [N*NS, H, DK, DV], seg_gates [N*NS, H].
 #pragma once
 #include <cuda_runtime.h>
 
@@ -50,13 +56,19 @@ struct ChunkParams {
   int B, T, H, DK, DV, N;
   float scale_intra, scale_inter, scale_update;
   bool reverse;
+  // segments (dense batches only; num_segs == 1: one walk per sequence)
+  int num_segs, seg_chunks;
+  bool state_only;           // the first launch of a split walk
+  float* seg_states;
+  float* seg_gates;
 };
 
-// Value columns per thread block: the state tile [DK, BV] stays in registers.
+// Value columns per thread block: the state tile [DK, BV] stays in registers. 32 for
+// DK >= 128: more, smaller blocks keep two blocks (8 warps) on every SM.
 #ifdef __CUDACC__
 __host__ __device__
 #endif
-constexpr int chunk_value_tile(int DK) { return DK >= 256 ? 32 : 64; }
+constexpr int chunk_value_tile(int DK) { return DK >= 128 ? 32 : 64; }
 
 template <typename Elem, int DK>
 void run_chunk_pass(const ChunkParams& p, cudaStream_t stream);

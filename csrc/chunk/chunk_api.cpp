@@ -5,6 +5,9 @@
 #include "chunk/chunk.h"
 #include "common/cuda_check.h"
 
+#include <algorithm>
+#include <type_traits>
+
 namespace fla {
 
 namespace {
@@ -60,10 +63,21 @@ ChunkParams pass_params(const Tensor& q, const Tensor& k, const Tensor& v, Tenso
   p.N = static_cast<int>(d.N);
   p.state_stride_k = p.DV;  // a [DK, DV] state; transposed states swap these
   p.state_stride_v = 1;
+  p.num_segs = 1;
   return p;
 }
 
-void run_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) {
+int sm_count(const Tensor& like) {
+  static int cached[64] = {};
+  const int dev = like.get_device();
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  int count = 0;
+  FLA_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
+  if (dev >= 0 && dev < 64) cached[dev] = count;
+  return count;
+}
+
+void launch_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) {
   FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
     if constexpr (std::is_same_v<Elem, float>) {
       STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
@@ -79,6 +93,35 @@ void run_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) {
 }
 
 int64_t value_tiles(int64_t dk, int64_t dv) { return dv / chunk_value_tile(static_cast<int>(dk)); }
+
+// One walk per (value tile, head, sequence) when there are at least as many walks as SMs
+// (the split costs an extra state-only launch, measured slower than a nearly full wave);
+// otherwise dense batches split every sequence into segments of at least 2 chunks so that
+// about two blocks run per SM (chunk.h).
+void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
+  const int64_t blocks = value_tiles(p.DK, p.DV) * p.H * p.N;
+  const int64_t chunks = (int64_t(p.T) + kChunk - 1) / kChunk;
+  const int64_t sms = sm_count(like);
+  int64_t segs = 1;
+  if (p.cu_seqlens == nullptr && blocks > 0 && blocks < sms)
+    segs = std::min((2 * sms + blocks - 1) / blocks, chunks / 2);
+  if (segs < 2) {
+    launch_pass(p, like, stream);
+    return;
+  }
+  p.seg_chunks = static_cast<int>((chunks + segs - 1) / segs);
+  p.num_segs = static_cast<int>((chunks + p.seg_chunks - 1) / p.seg_chunks);
+  Tensor seg_states = empty_f32(like, {p.N * p.num_segs, p.H, p.DK, p.DV});
+  Tensor seg_gates = empty_f32(like, {p.N * p.num_segs, p.H});
+  p.seg_states = static_cast<float*>(seg_states.data_ptr());
+  p.seg_gates = static_cast<float*>(seg_gates.data_ptr());
+  ChunkParams local = p;     // segment-local states from zero, no outputs
+  local.state_only = true;
+  local.dots = nullptr;
+  local.ht = nullptr;
+  launch_pass(local, like, stream);
+  launch_pass(p, like, stream);
+}
 
 }  // namespace
 

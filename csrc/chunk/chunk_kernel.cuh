@@ -3,12 +3,17 @@
 //
 //   S_qk = Q K^T                      (C, C)    warp w owns rows 16w..16w+15
 //   P    = S_qk * D * scale_intra     registers, becomes the A operand of the next MMA
-//   O    = diag(exp(G)) Q Ht^T * scale_inter + P V
+//   O    = diag(exp(G)) Q S * scale_inter + P V
 //   S    = exp(G_last) S + K^T (V * exp(G_last - G))      (DK, BV), rows over warps
 //
 // All matmuls are SM80 m16n8k16 tensor-core MMAs (bf16/fp16 in, fp32 accumulate); the
 // state S lives in fp32 registers and is copied to shared memory in the input dtype
-// (Ht, [BV, DK]) for the Q S product, as FLA does. The next chunk's q, k, v stream in
+// for the Q S product, as FLA does.
+//
+// Register fragments follow the m16n8 accumulator layout: value i of a thread sits at
+// row r0 + 8 * ((i / 2) % 2) + 64 * m, column c0 + (i % 2) + 8 * n; element-wise work
+// uses that structure (one gate per row and column, paired 32-bit shared stores) instead
+// of per-element swizzled address arithmetic. The next chunk's q, k, v stream in
 // with cp.async while the current one is computed (two stages).
 #pragma once
 #include <cute/tensor.hpp>
@@ -64,12 +69,12 @@ struct Traits {
   using LayoutKt = SmemTileT<C, DK>;    // k read as (DK, C)
   using LayoutV = SmemTile<C, BV>;      // v, scaled v           (C, BV)
   using LayoutVt = SmemTileT<C, BV>;    // read as (BV, C)
-  using LayoutHt = SmemTile<BV, DK>;    // state^T, input dtype  (BV, DK)
-  using LayoutH = SmemTileT<BV, DK>;    // the same, as (DK, BV)
+  using LayoutH = SmemTile<DK, BV>;     // state, input dtype    (DK, BV)
+  using LayoutHt = SmemTileT<DK, BV>;   // read as (BV, DK)
 
   static constexpr int kQK = C * DK, kV = C * BV, kHt = BV * DK;
   // two stages of q, k, v; scaled v; state^T; then two stages of cumulative gates
-  static constexpr int kElems = 2 * (2 * kQK + kV) + kV + kHt;
+  static constexpr int kElems = 2 * (2 * kQK + kV) + kV + kHt + 2 * kV;   // ... + dot partner stages
   static constexpr int kSmemBytes = kElems * int(sizeof(Elem)) + 2 * C * int(sizeof(float));
 };
 
@@ -126,6 +131,21 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RA const& tCrA, TB const& sB, 
   }
 }
 
+// Accumulator -> shared memory in the input dtype: values 2j, 2j+1 are adjacent columns
+// (contiguous in every tile layout here), so each pair is one 32-bit store.
+template <class Acc, class Dst>
+__device__ __forceinline__ void store_pairs(Acc const& acc, Dst& dst) {
+  using Elem = typename Dst::value_type;
+  CUTE_STATIC_ASSERT_V(size(acc) == size(dst));
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); i += 2) {
+    cute::array<Elem, 2> pair;
+    pair[0] = static_cast<Elem>(acc(i));
+    pair[1] = static_cast<Elem>(acc(i + 1));
+    *reinterpret_cast<uint32_t*>(&dst(i)) = *reinterpret_cast<const uint32_t*>(pair.data());
+  }
+}
+
 template <typename Elem>
 __device__ __forceinline__ void cp_async_16(Elem* smem, const Elem* gmem, bool valid) {
   using V = cute::uint128_t;
@@ -146,9 +166,11 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   Elem* const v_buf = k_buf + 2 * Tr::kQK;        // [2][C*BV]
   Elem* const vs_buf = v_buf + 2 * Tr::kV;        // [C*BV]  v * exp(G_last - G)
   Elem* const ht_buf = vs_buf + Tr::kV;           // [BV*DK]
-  float* const g_buf = reinterpret_cast<float*>(ht_buf + Tr::kHt);   // [2][C] cumulative gates
+  Elem* const dot_buf = ht_buf + Tr::kHt;         // [2][C*BV] rows of dot_with
+  float* const g_buf = reinterpret_cast<float*>(dot_buf + 2 * Tr::kV);   // [2][C] cumulative gates
 
-  const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z / p.num_segs, seg = blockIdx.z % p.num_segs;
+  if (p.state_only && seg == p.num_segs - 1) return;   // nobody starts after the last segment
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t H = p.H, DV = p.DV;
   int64_t bos = int64_t(n) * p.T, len = p.T;
@@ -156,7 +178,11 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     bos = p.cu_seqlens[n];
     len = p.cu_seqlens[n + 1] - bos;
   }
-  const int num_chunks = int((len + C - 1) / C);
+  // this block's positions: [seg_begin, min(len, seg_begin + seg_chunks * C))
+  const int64_t seg_begin = int64_t(seg) * p.seg_chunks * C;
+  const int64_t seg_len = p.num_segs == 1 ? len : min(len - seg_begin, int64_t(p.seg_chunks) * C);
+  const int num_chunks = seg_len > 0 ? int((seg_len + C - 1) / C) : 0;
+  const bool last_seg = seg == p.num_segs - 1;
   // token (row of the [B*T, H, D] inputs) at processing position pos
   auto token = [&](int64_t pos) { return bos + (p.reverse ? len - 1 - pos : pos); };
   // log gate applied to the state before position pos (see chunk.h for the reverse shift)
@@ -171,32 +197,53 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   const Elem* k = static_cast<const Elem*>(p.k) + h * DK;
   const Elem* v = static_cast<const Elem*>(p.v) + h * DV + tile * BV;
 
+  // Loads: thread tid moves 16-byte vectors at rows r0 + j * kRowsQK (kRowsV) of a chunk;
+  // shared offsets are fixed for the whole walk, global ones step by a row stride.
+  constexpr int kVecQK = DK / 8, kRowsQK = kThreads / kVecQK, kVecV = BV / 8, kRowsV = kThreads / kVecV;
+  static_assert(kThreads % kVecQK == 0 && kThreads % kVecV == 0, "vector rows must tile the block");
+  const int rq0 = tid / kVecQK, cq = tid % kVecQK * 8, rv0 = tid / kVecV, cv = tid % kVecV * 8;
+  int smem_off_qk[C / kRowsQK], smem_off_v[C / kRowsV];
+  CUTE_UNROLL
+  for (int j = 0; j < C / kRowsQK; ++j) smem_off_qk[j] = typename Tr::LayoutQK{}(rq0 + j * kRowsQK, cq);
+  CUTE_UNROLL
+  for (int j = 0; j < C / kRowsV; ++j) smem_off_v[j] = typename Tr::LayoutV{}(rv0 + j * kRowsV, cv);
+  const Elem* other = static_cast<const Elem*>(p.dot_with) + h * DV + tile * BV;
   auto load_chunk = [&](int c, int stage) {
-    Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
-    Tensor sK = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
-    Tensor sV = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutV{});     // (C, BV)
+    Elem* sq = q_buf + stage * Tr::kQK;
+    Elem* sk = k_buf + stage * Tr::kQK;
+    Elem* sv = v_buf + stage * Tr::kV;
+    const int64_t pos0 = seg_begin + int64_t(c) * C;
+    // rows past the end are zero-filled (their pointers are never read)
+    const int rows_left = int(min(int64_t(C), len - pos0));
+    const int64_t qk_off = (token(pos0 + rq0) * H * DK + cq);
+    const int64_t qk_step = (p.reverse ? -kRowsQK : kRowsQK) * H * DK;
     CUTE_UNROLL
-    for (int i = tid; i < C * DK / 8; i += kThreads) {
-      const int r = i / (DK / 8), col = i % (DK / 8) * 8;
-      const int64_t pos = int64_t(c) * C + r;
-      const bool valid = pos < len;
-      const int64_t off = valid ? token(pos) * H * DK + col : 0;
-      cp_async_16(&sQ(r, col), q + off, valid);
-      cp_async_16(&sK(r, col), k + off, valid);
+    for (int j = 0; j < C / kRowsQK; ++j) {
+      const bool valid = rq0 + j * kRowsQK < rows_left;
+      const int64_t off = valid ? qk_off + j * qk_step : 0;
+      cp_async_16(sq + smem_off_qk[j], q + off, valid);
+      cp_async_16(sk + smem_off_qk[j], k + off, valid);
     }
+    const int64_t v_off = token(pos0 + rv0) * H * DV + cv;
+    const int64_t v_step = (p.reverse ? -kRowsV : kRowsV) * H * DV;
     CUTE_UNROLL
-    for (int i = tid; i < C * BV / 8; i += kThreads) {
-      const int r = i / (BV / 8), col = i % (BV / 8) * 8;
-      const int64_t pos = int64_t(c) * C + r;
-      const bool valid = pos < len;
-      cp_async_16(&sV(r, col), v + (valid ? token(pos) * H * DV + col : 0), valid);
+    for (int j = 0; j < C / kRowsV; ++j) {
+      const bool valid = rv0 + j * kRowsV < rows_left;
+      cp_async_16(sv + smem_off_v[j], v + (valid ? v_off + j * v_step : 0), valid);
+    }
+    if (p.dots != nullptr) {   // the dot partner has v's layout
+      CUTE_UNROLL
+      for (int j = 0; j < C / kRowsV; ++j) {
+        const bool valid = rv0 + j * kRowsV < rows_left;
+        cp_async_16(dot_buf + stage * Tr::kV + smem_off_v[j], other + (valid ? v_off + j * v_step : 0), valid);
+      }
     }
   };
   // Warp 0 fetches a chunk's raw gates early and scans them late (latency hidden).
   float raw_gate0 = 0.f, raw_gate1 = 0.f;
   auto fetch_gates = [&](int c) {
-    raw_gate0 = gate(int64_t(c) * C + 2 * lane);
-    raw_gate1 = gate(int64_t(c) * C + 2 * lane + 1);
+    raw_gate0 = gate(seg_begin + int64_t(c) * C + 2 * lane);
+    raw_gate1 = gate(seg_begin + int64_t(c) * C + 2 * lane + 1);
   };
   auto scan_gates = [&](int stage) {
     const float pair = raw_gate0 + raw_gate1;
@@ -218,19 +265,27 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   Tensor tHcH = thr_mma.partition_C(make_identity_tensor(Shape<Int<DK>, Int<BV>>{}));
   CUTE_STATIC_ASSERT_V(size(accH) == size(tHcH));
   const int64_t state_off = (int64_t(n) * H + h) * DK * DV + int64_t(tile) * BV * p.state_stride_v;
-  if (p.h0 != nullptr) {
+  if (p.h0 != nullptr && !p.state_only) {
     CUTE_UNROLL
     for (int i = 0; i < size(accH); ++i)
       accH(i) = p.h0[state_off + get<0>(tHcH(i)) * p.state_stride_k + get<1>(tHcH(i)) * p.state_stride_v];
   } else {
     clear(accH);
   }
+  // segment s > 0 of a split walk: fold in the segments before it, in order
+  auto seg_state_off = [&](int s) { return ((int64_t(n) * p.num_segs + s) * H + h) * DK * DV + int64_t(tile) * BV; };
+  if (!p.state_only && seg > 0) {
+    for (int s = 0; s < seg; ++s) {
+      const float a = __expf(p.seg_gates[(int64_t(n) * p.num_segs + s) * H + h]);
+      const float* u = p.seg_states + seg_state_off(s);
+      CUTE_UNROLL
+      for (int i = 0; i < size(accH); ++i) accH(i) = a * accH(i) + u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))];
+    }
+  }
+  float gate_sum = 0.f;   // total log gate of this block's positions (state-only launch)
   Tensor sH = make_tensor(make_smem_ptr(ht_buf), typename Tr::LayoutH{});   // (DK, BV)
   Tensor tHsH = thr_mma.partition_C(sH);
-  auto store_state_smem = [&] {
-    CUTE_UNROLL
-    for (int i = 0; i < size(accH); ++i) tHsH(i) = static_cast<Elem>(accH(i));
-  };
+  auto store_state_smem = [&] { store_pairs(accH, tHsH); };
 
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));    // coords of S_qk
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));   // coords of O
@@ -262,82 +317,105 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     Tensor sVt = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutVt{});   // (BV, C)
     Tensor sVs = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutV{});                    // (C, BV)
     Tensor sVst = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutVt{});                  // (BV, C)
-    Tensor sHt = make_tensor(make_smem_ptr(ht_buf), typename Tr::LayoutHt{});                   // (BV, DK)
+    Tensor sHt = make_tensor(make_smem_ptr(ht_buf), typename Tr::LayoutHt{});                   // (BV, DK) view
     const float* G = g_buf + stage * C;
     const float g_last = G[C - 1];
+    gate_sum += g_last;
 
     // V scaled by its decay to the chunk end, for the state update (read after the next barrier).
     CUTE_UNROLL
-    for (int i = tid; i < C * BV / 8; i += kThreads) {
-      const int r = i / (BV / 8), col = i % (BV / 8) * 8;
-      const float w = __expf(g_last - G[r]) * p.scale_update;
+    for (int j = 0; j < C / kRowsV; ++j) {
+      const float w = __expf(g_last - G[rv0 + j * kRowsV]) * p.scale_update;
+      cute::array<Elem, 8> x;
+      *reinterpret_cast<cute::uint128_t*>(x.data()) =
+          *reinterpret_cast<const cute::uint128_t*>(v_buf + stage * Tr::kV + smem_off_v[j]);
       CUTE_UNROLL
-      for (int j = 0; j < 8; ++j) sVs(r, col + j) = static_cast<Elem>(static_cast<float>(sV(r, col + j)) * w);
+      for (int e = 0; e < 8; ++e) x[e] = static_cast<Elem>(static_cast<float>(x[e]) * w);
+      *reinterpret_cast<cute::uint128_t*>(vs_buf + smem_off_v[j]) = *reinterpret_cast<const cute::uint128_t*>(x.data());
     }
 
+    if (!p.state_only) {
     // P = (Q K^T) * D * scale_intra
-    Tensor accS = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});      // (MMA, MMA_M, MMA_N)
-    clear(accS);
-    gemm_ss<Tr>(accS, sQ, sK, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
-    CUTE_UNROLL
-    for (int i = 0; i < size(accS); ++i) {
-      const int r = get<0>(tScS(i)), col = get<1>(tScS(i));
-      accS(i) = col <= r ? accS(i) * __expf(G[r] - G[col]) * p.scale_intra : 0.f;
-    }
-    Tensor rP = make_tensor_like<Elem>(accS);
-    CUTE_UNROLL
-    for (int i = 0; i < size(accS); ++i) rP(i) = static_cast<Elem>(accS(i));
-    Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));   // (MMA, MMA_M, C/16)
-
-    // O = diag(exp(G)) Q S * scale_inter + P V
-    Tensor accO = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
-    clear(accO);
-    gemm_ss<Tr>(accO, sQ, sHt, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
-    CUTE_UNROLL
-    for (int i = 0; i < size(accO); ++i) accO(i) *= __expf(G[get<0>(tOcO(i))]) * p.scale_inter;
-    gemm_rs<Tr>(accO, tOrP, sVt, typename Tr::LdsmT{}, tid);
-
-    // Epilogue. Optional per-row dot products with another tensor (dg of the backward).
-    if (p.dots != nullptr) {
-      const Elem* other = static_cast<const Elem*>(p.dot_with) + h * DV + tile * BV;
-      float part[2] = {0.f, 0.f};
-      CUTE_UNROLL
-      for (int i = 0; i < size(accO); ++i) {
-        const int r = get<0>(tOcO(i)), col = get<1>(tOcO(i));
-        const int64_t pos = int64_t(c) * C + r;
-        if (pos < len) part[(r / 8) & 1] += accO(i) * static_cast<float>(other[token(pos) * H * DV + col]);
-      }
-      CUTE_UNROLL
-      for (int j = 0; j < 2; ++j) {
-        part[j] += __shfl_xor_sync(0xffffffffu, part[j], 1);
-        part[j] += __shfl_xor_sync(0xffffffffu, part[j], 2);
-      }
-      const int r0 = warp * 16 + lane / 4;
-      if (lane % 4 == 0) {
+      Tensor accS = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});      // (MMA, MMA_M, MMA_N)
+      clear(accS);
+      gemm_ss<Tr>(accS, sQ, sK, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
+      {
+        const int r0 = get<0>(tScS(0)), c0 = get<1>(tScS(0));
+        const float g_row[2] = {G[r0], G[r0 + 8]};
         CUTE_UNROLL
-        for (int j = 0; j < 2; ++j) {
-          const int64_t pos = int64_t(c) * C + r0 + 8 * j;
-          if (pos < len) p.dots[(int64_t(tile) * p.B * p.T + token(pos)) * H + h] = part[j];
+        for (int nb = 0; nb < C / 8; ++nb) {
+          CUTE_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int col = c0 + 8 * nb + e;
+            const float g_col = G[col];
+            CUTE_UNROLL
+            for (int h8 = 0; h8 < 2; ++h8) {
+              const int i = nb * 4 + h8 * 2 + e, r = r0 + 8 * h8;
+              accS(i) = col <= r ? accS(i) * __expf(g_row[h8] - g_col) * p.scale_intra : 0.f;
+            }
+          }
         }
       }
+      Tensor rP = make_tensor_like<Elem>(accS);
+      CUTE_UNROLL
+      for (int i = 0; i < size(accS); ++i) rP(i) = static_cast<Elem>(accS(i));
+      Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));   // (MMA, MMA_M, C/16)
+  
+      // O = diag(exp(G)) Q S * scale_inter + P V
+      Tensor accO = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
+      clear(accO);
+      gemm_ss<Tr>(accO, sQ, sHt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
+      {
+        const int r0 = get<0>(tOcO(0));
+        const float w[2] = {__expf(G[r0]) * p.scale_inter, __expf(G[r0 + 8]) * p.scale_inter};
+        CUTE_UNROLL
+        for (int i = 0; i < size(accO); ++i) accO(i) *= w[(i / 2) % 2];
+      }
+      gemm_rs<Tr>(accO, tOrP, sVt, typename Tr::LdsmT{}, tid);
+  
+      // Epilogue. Optional per-row dot products with another tensor (dg of the backward).
+      if (p.dots != nullptr) {   // partner rows were prefetched with the chunk (zeros past the end)
+        Tensor sD = make_tensor(make_smem_ptr(dot_buf + stage * Tr::kV), typename Tr::LayoutV{});  // (C, BV)
+        Tensor tOsD = thr_mma.partition_C(sD);
+        float part[2] = {0.f, 0.f};
+        CUTE_UNROLL
+        for (int i = 0; i < size(accO); i += 2) {
+          cute::array<Elem, 2> x;
+          *reinterpret_cast<uint32_t*>(x.data()) = *reinterpret_cast<const uint32_t*>(&tOsD(i));
+          part[(i / 2) % 2] += accO(i) * static_cast<float>(x[0]) + accO(i + 1) * static_cast<float>(x[1]);
+        }
+        CUTE_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          part[j] += __shfl_xor_sync(0xffffffffu, part[j], 1);
+          part[j] += __shfl_xor_sync(0xffffffffu, part[j], 2);
+        }
+        const int r0 = warp * 16 + lane / 4;
+        if (lane % 4 == 0) {
+          CUTE_UNROLL
+          for (int j = 0; j < 2; ++j) {
+            const int64_t pos = seg_begin + int64_t(c) * C + r0 + 8 * j;
+            if (pos < len) p.dots[(int64_t(tile) * p.B * p.T + token(pos)) * H + h] = part[j];
+          }
+        }
+      }
+      // O goes out through this warp's own rows of the q tile (no longer read): 16-byte stores.
+      __syncwarp();
+      Tensor tOsQ = thr_mma.partition_C(local_tile(sQ, Shape<Int<C>, Int<BV>>{}, make_coord(0, 0)));
+      CUTE_STATIC_ASSERT_V(size(tOsQ) == size(accO));
+      store_pairs(accO, tOsQ);
+      __syncwarp();
+      Elem* o = static_cast<Elem*>(p.o) + h * DV + tile * BV;
+      CUTE_UNROLL
+      for (int j = 0; j < 16 * BV / 8 / 32; ++j) {
+        const int i = lane + 32 * j;
+        const int r = warp * 16 + i / (BV / 8), col = i % (BV / 8) * 8;
+        const int64_t pos = seg_begin + int64_t(c) * C + r;
+        if (pos < len)
+          *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
+              *reinterpret_cast<const cute::uint128_t*>(&sQ(r, col));
+      }
+  
     }
-    // O goes out through this warp's own rows of the q tile (no longer read): 16-byte stores.
-    __syncwarp();
-    Tensor tOsQ = thr_mma.partition_C(local_tile(sQ, Shape<Int<C>, Int<BV>>{}, make_coord(0, 0)));
-    CUTE_STATIC_ASSERT_V(size(tOsQ) == size(accO));
-    CUTE_UNROLL
-    for (int i = 0; i < size(accO); ++i) tOsQ(i) = static_cast<Elem>(accO(i));
-    __syncwarp();
-    Elem* o = static_cast<Elem*>(p.o) + h * DV + tile * BV;
-    CUTE_UNROLL
-    for (int i = lane; i < 16 * BV / 8; i += 32) {
-      const int r = warp * 16 + i / (BV / 8), col = i % (BV / 8) * 8;
-      const int64_t pos = int64_t(c) * C + r;
-      if (pos < len)
-        *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
-            *reinterpret_cast<const cute::uint128_t*>(&sQ(r, col));
-    }
-
     __syncthreads();                     // scaled v written; every warp is done with the state copy
     // S = exp(G_last) S + K^T Vs
     const float a = __expf(g_last);
@@ -348,7 +426,14 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
   }
 
-  if (p.ht != nullptr) {
+  if (p.state_only) {
+    float* u = p.seg_states + seg_state_off(seg);
+    CUTE_UNROLL
+    for (int i = 0; i < size(accH); ++i) u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))] = accH(i);
+    if (tile == 0 && tid == 0) p.seg_gates[(int64_t(n) * p.num_segs + seg) * H + h] = gate_sum;
+    return;
+  }
+  if (p.ht != nullptr && last_seg) {
     // reverse: the first step's gate still applies (dL/dS_{-1} = exp(g_0) dL/dS_0)
     const float a = (p.reverse && len > 0) ? __expf(fmaxf(
         p.g != nullptr ? p.g[bos * H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f), kMinLogGate)) : 1.f;
@@ -365,7 +450,7 @@ void run_chunk_pass(const ChunkParams& p, cudaStream_t stream) {
   using Tr = chunk::Traits<Elem, DK>;
   auto kernel = chunk::chunk_pass_kernel<Elem, DK>;
   FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
-  const dim3 grid(p.DV / Tr::BV, p.H, p.N);
+  const dim3 grid(p.DV / Tr::BV, p.H, p.N * p.num_segs);
   if (grid.x * grid.y * grid.z == 0) return;
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   FLA_CHECK_LAUNCH();

@@ -1,0 +1,52 @@
+"""Time the chunk kernels at one shape; --table prints the CUDA kernels of one call (torch
+profiler), for finding what else a public op spends time on. Run under ncu for stall reasons.
+
+    python scripts/profile_chunk.py [--op chunk_simple_gla] [--shape BxTxHxD] [--bwd] [--table]
+"""
+import argparse
+
+import torch
+
+import fla_cuda
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--op", default="chunk_simple_gla")
+    ap.add_argument("--shape", default="4x4096x16x128")
+    ap.add_argument("--bwd", action="store_true")
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--iters", type=int, default=20)
+    a = ap.parse_args()
+    B, T, H, D = map(int, a.shape.split("x"))
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda"))
+    leaves = [t.requires_grad_(a.bwd) for t in (q, k, v, g)]
+    do = torch.randn_like(v)
+    fn = getattr(fla_cuda, a.op)
+
+    def step():
+        o = fn(*leaves[:3], g=leaves[3])[0] if a.op == "chunk_simple_gla" else fn(*leaves[:3])[0]
+        if a.bwd:
+            torch.autograd.grad(o, [t for t in leaves if t.requires_grad and (t is not leaves[3] or
+                                                                              a.op == "chunk_simple_gla")], do)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(a.iters):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"{a.op} {a.shape} {'fwd+bwd' if a.bwd else 'fwd'}: {start.elapsed_time(end) / a.iters:.3f} ms")
+    if a.table:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
