@@ -87,6 +87,12 @@ def test_head_dims_and_dtypes(K, V, dtype):
     check(*run_pair(x), TOL[dtype])
 
 
+def test_wide_batch_one_walk_per_block():
+    """B*H*tiles >= SM count: no sequence split (the other tests mostly take the split path)."""
+    x = make_inputs(4, 300, 40, 128, 128, torch.bfloat16, "g")
+    check(*run_pair(x), TOL[torch.bfloat16])
+
+
 def test_varlen_with_empty_sequence():
     lengths = [1, 130, 0, 64, 257]
     x = make_inputs(1, sum(lengths), 3, 64, 128, torch.bfloat16, "g", N=len(lengths))
