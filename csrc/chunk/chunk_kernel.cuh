@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     for (int j = 0; j < C / kRowsQK; ++j) {
       const bool valid = rq0 + j * kRowsQK < rows_left;
       const int64_t off = valid ? qk_off + j * qk_step : 0;
-      cp_async_16(sq + smem_off_qk[j], q + off, valid);
+      if (!p.state_only) cp_async_16(sq + smem_off_qk[j], q + off, valid);   // the state needs k, v only
       cp_async_16(sk + smem_off_qk[j], k + off, valid);
     }
     const int64_t v_off = token(pos0 + rv0) * H * DV + cv;

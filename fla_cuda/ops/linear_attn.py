@@ -13,7 +13,7 @@ import torch
 
 from ..utils.checks import FLOAT_DTYPES, check_flag, check_optional
 from .simple_gla import run_simple_gla, validate
-from .utils import compute_dtype, seq_bounds
+from .utils import compute_dtype, pad_to_chunks, seq_bounds
 
 __all__ = ["chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn"]
 
@@ -28,21 +28,36 @@ def _split_state(initial_state, normalize: bool):
     return initial_state, None
 
 
+def _key_prefix_sums(kf: torch.Tensor, C: int = 64) -> torch.Tensor:
+    """Inclusive cumulative sum of kf [B, T, H, K] along T as a two-level scan: within chunks
+    of C, then across chunk totals. torch's scan along a long outer dim runs one thread per
+    column (B*H*K threads for T sequential steps); both levels here are short."""
+    B, T, H, K = kf.shape
+    kc = pad_to_chunks(kf, C).view(B, -1, C, H, K)
+    intra = kc.cumsum(2)
+    totals = intra[:, :, -1]
+    before = totals.cumsum(1) - totals                       # exclusive prefix over chunks
+    return (intra + before[:, :, None]).view(B, -1, H, K)[:, :T]
+
+
+def _normalize_dense(o, q, kf, scale: float, z_init, reverse: bool, cd):
+    B, T, H, K = kf.shape
+    k_cum = _key_prefix_sums(kf.flip(1)).flip(1) if reverse else _key_prefix_sums(kf)
+    if z_init is not None:
+        k_cum = k_cum + z_init.to(cd)
+    z = (k_cum[:, :1] if reverse else k_cum[:, -1:]).clone()
+    denom = (q.to(cd) * k_cum).sum(-1, keepdim=True) * scale + 1e-10
+    return (o.to(cd) / denom).to(q.dtype), z
+
+
 def normalize_with_z_state(o, q, k, scale: float, z_init, reverse: bool, cu_seqlens):
     """Divide o by scale * q_t . z_t, z_t the running key sum (from the end if ``reverse``)
     plus ``z_init`` [N, 1, H, K]. Returns (o in q's dtype, z_state [N, 1, H, K] fp32/fp64)."""
     cd = compute_dtype(q)
     B, T, H, K = k.shape
     kf = k.to(cd)
-    if cu_seqlens is None and T > 0:   # one batched scan (the loop below is for packed sequences)
-        # scan along the innermost dim ([B, H, K, T]): torch's outer-dim scan is far slower
-        kt = kf.permute(0, 2, 3, 1)
-        k_cum = kt.flip(-1).cumsum(-1).flip(-1) if reverse else kt.cumsum(-1)
-        if z_init is not None:
-            k_cum = k_cum + z_init.to(cd).view(B, H, K, 1)
-        z = (k_cum[..., :1] if reverse else k_cum[..., -1:]).permute(0, 3, 1, 2).contiguous()
-        denom = (q.to(cd).permute(0, 2, 3, 1) * k_cum).sum(2) * scale + 1e-10       # [B, H, T]
-        return (o.to(cd) / denom.transpose(1, 2)[..., None]).to(q.dtype), z
+    if cu_seqlens is None and T > 0:
+        return _normalize_dense(o, q, kf, scale, z_init, reverse, cd)
     bounds = seq_bounds(cu_seqlens, B, T)
     pieces, z_out = [], []
     for n, (bos, eos) in enumerate(bounds):
