@@ -34,13 +34,7 @@ Dims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
   STD_TORCH_CHECK(is_chunk_head_dim(d.K) && is_chunk_head_dim(d.V),
                   "fla_cuda: the chunk kernels take head dims K, V in {64, 128, 256}");
   STD_TORCH_CHECK(!(g.has_value() && g_gamma.has_value()), "fla_cuda: pass g or g_gamma, not both");
-  if (cu_seqlens.has_value()) {
-    check_cuda_tensor(*cu_seqlens, "cu_seqlens", q);
-    STD_TORCH_CHECK(cu_seqlens->scalar_type() == ScalarType::Long && cu_seqlens->dim() == 1 &&
-                        cu_seqlens->size(0) >= 2 && d.B == 1,
-                    "fla_cuda: cu_seqlens must be int64 [N + 1] with B == 1");
-    d.N = cu_seqlens->size(0) - 1;
-  }
+  d.N = check_cu_seqlens(cu_seqlens, q, d.B);
   return d;
 }
 
@@ -96,15 +90,15 @@ int64_t value_tiles(int64_t dk, int64_t dv) { return dv / chunk_value_tile(stati
 
 // One walk per (value tile, head, sequence) when there are at least as many walks as SMs
 // (the split costs an extra state-only launch, measured slower than a nearly full wave);
-// otherwise dense batches split every sequence into segments of at least 2 chunks so that
-// about two blocks run per SM (chunk.h).
+// otherwise dense batches split every sequence into segments of at least 2 chunks, as many
+// as fit one wave of two blocks per SM (a partial second wave would double the time) (chunk.h).
 void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
   const int64_t blocks = value_tiles(p.DK, p.DV) * p.H * p.N;
   const int64_t chunks = (int64_t(p.T) + kChunk - 1) / kChunk;
   const int64_t sms = sm_count(like);
   int64_t segs = 1;
   if (p.cu_seqlens == nullptr && blocks > 0 && blocks < sms)
-    segs = std::min((2 * sms + blocks - 1) / blocks, chunks / 2);
+    segs = std::min(2 * sms / blocks, chunks / 2);
   if (segs < 2) {
     launch_pass(p, like, stream);
     return;
@@ -185,27 +179,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
   }
   run_pass(pq, q, stream);
 
-  ChunkParams pk = pass_params(v, dout, q, dk, gp, gammap, cu_seqlens, d);
-  pk.h0 = dhtp;
-  pk.state_stride_k = 1;           // dht^T
-  pk.state_stride_v = d.V;
-  pk.scale_intra = s;
-  pk.scale_inter = 1.f;
-  pk.scale_update = s;
-  pk.reverse = true;
+  // the two reversed passes start from dht and differ only in their operands and outputs
+  auto reverse_pass = [&](const Tensor& qq, const Tensor& kk, const Tensor& vv, Tensor& out, bool transposed) {
+    ChunkParams r = pass_params(qq, kk, vv, out, gp, gammap, cu_seqlens, d);
+    r.h0 = dhtp;
+    if (transposed) {              // dht^T: the pass state is [V, K]
+      r.state_stride_k = 1;
+      r.state_stride_v = d.V;
+    }
+    r.scale_intra = s;
+    r.scale_inter = 1.f;
+    r.scale_update = s;
+    r.reverse = true;
+    return r;
+  };
+  ChunkParams pk = reverse_pass(v, dout, q, dk, true);
   if (need_dg) {
     pk.dot_with = k.data_ptr();
     pk.dots = static_cast<float*>(dk_dots.data_ptr());
   }
   run_pass(pk, q, stream);
-
-  ChunkParams pv = pass_params(k, q, dout, dv, gp, gammap, cu_seqlens, d);
-  pv.h0 = dhtp;
+  ChunkParams pv = reverse_pass(k, q, dout, dv, false);
   pv.ht = need_dh0 ? static_cast<float*>(dh0.data_ptr()) : nullptr;
-  pv.scale_intra = s;
-  pv.scale_inter = 1.f;
-  pv.scale_update = s;
-  pv.reverse = true;
   run_pass(pv, q, stream);
   return {dq, dk, dv, dq_dots, dk_dots, dh0};
 }

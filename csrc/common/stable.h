@@ -53,6 +53,16 @@ inline void check_sizes(const Tensor& t, const char* name, std::vector<int64_t> 
     STD_TORCH_CHECK(t.size(static_cast<int64_t>(i)) == sizes[i], "fla_cuda: `", name, "` has the wrong shape");
 }
 
+// Number of sequences: B, or N for packed sequences given as int64 cu_seqlens [N + 1] (B == 1).
+inline int64_t check_cu_seqlens(const std::optional<Tensor>& cu_seqlens, const Tensor& like, int64_t B) {
+  if (!cu_seqlens.has_value()) return B;
+  check_cuda_tensor(*cu_seqlens, "cu_seqlens", like);
+  STD_TORCH_CHECK(cu_seqlens->scalar_type() == ScalarType::Long && cu_seqlens->dim() == 1 &&
+                      cu_seqlens->size(0) >= 2 && B == 1,
+                  "fla_cuda: cu_seqlens must be int64 [N + 1] with B == 1");
+  return cu_seqlens->size(0) - 1;
+}
+
 inline const float* opt_f32(const std::optional<Tensor>& t, const char* name, const Tensor& like,
                             std::vector<int64_t> sizes) {
   if (!t.has_value()) return nullptr;

@@ -24,13 +24,7 @@ Dims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                   "fla_cuda: q, k, v must share one dtype");
   STD_TORCH_CHECK(d.H > 0 && d.HV % d.H == 0, "fla_cuda: value heads must be a multiple of q/k heads");
   STD_TORCH_CHECK(d.K >= 1 && d.K <= 256 && d.V >= 1 && d.V <= 256, "fla_cuda: head dims must be in 1..256");
-  if (cu_seqlens.has_value()) {
-    check_cuda_tensor(*cu_seqlens, "cu_seqlens", q);
-    STD_TORCH_CHECK(cu_seqlens->scalar_type() == ScalarType::Long && cu_seqlens->dim() == 1 &&
-                        cu_seqlens->size(0) >= 2 && d.B == 1,
-                    "fla_cuda: cu_seqlens must be int64 [N + 1] with B == 1");
-    d.N = cu_seqlens->size(0) - 1;
-  }
+  d.N = check_cu_seqlens(cu_seqlens, q, d.B);
   return d;
 }
 
