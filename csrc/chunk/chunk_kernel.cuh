@@ -112,41 +112,6 @@ __device__ __forceinline__ void gemm_ss(Acc& acc, TA const& sA, TB const& sB, Co
   }
 }
 
-// acc1 += A B1^T and acc2 += A B2^T with A (M, K), B1 (N1, K), B2 (N2, K) in shared memory:
-// each k-block of A is loaded once for both, and the two MMA chains interleave.
-template <class Tr, class TA, class TB1, class TB2, class Acc1, class Acc2, class CopyB2>
-__device__ __forceinline__ void gemm_ss2(Acc1& acc1, Acc2& acc2, TA const& sA, TB1 const& sB1, TB2 const& sB2,
-                                         CopyB2, int tid) {
-  typename Tr::TiledMma mma;
-  auto thr = mma.get_slice(tid);
-  Tensor tCrA = thr.partition_fragment_A(sA);                 // (MMA, MMA_M, MMA_K)
-  Tensor tCrB1 = thr.partition_fragment_B(sB1);               // (MMA, MMA_N1, MMA_K)
-  Tensor tCrB2 = thr.partition_fragment_B(sB2);               // (MMA, MMA_N2, MMA_K)
-  auto copy_a = make_tiled_copy_A(typename Tr::LdsmN{}, mma);
-  auto copy_b1 = make_tiled_copy_B(typename Tr::LdsmN{}, mma);
-  auto copy_b2 = make_tiled_copy_B(CopyB2{}, mma);
-  auto thr_a = copy_a.get_thread_slice(tid);
-  auto thr_b1 = copy_b1.get_thread_slice(tid);
-  auto thr_b2 = copy_b2.get_thread_slice(tid);
-  Tensor tCsA = thr_a.partition_S(sA);
-  Tensor tCsB1 = thr_b1.partition_S(sB1);
-  Tensor tCsB2 = thr_b2.partition_S(sB2);
-  Tensor tCrA_v = thr_a.retile_D(tCrA);
-  Tensor tCrB1_v = thr_b1.retile_D(tCrB1);
-  Tensor tCrB2_v = thr_b2.retile_D(tCrB2);
-  CUTE_STATIC_ASSERT_V(size<1>(tCrA) == size<1>(acc1) && size<1>(tCrA) == size<1>(acc2));   // MMA_M
-  CUTE_STATIC_ASSERT_V(size<1>(tCrB1) == size<2>(acc1) && size<1>(tCrB2) == size<2>(acc2)); // MMA_N
-  CUTE_STATIC_ASSERT_V(size<2>(tCrA) == size<2>(tCrB1) && size<2>(tCrA) == size<2>(tCrB2)); // MMA_K
-  CUTE_UNROLL
-  for (int kb = 0; kb < size<2>(tCrA); ++kb) {
-    copy(copy_a, tCsA(_, _, kb), tCrA_v(_, _, kb));
-    copy(copy_b1, tCsB1(_, _, kb), tCrB1_v(_, _, kb));
-    copy(copy_b2, tCsB2(_, _, kb), tCrB2_v(_, _, kb));
-    gemm(mma, tCrA(_, _, kb), tCrB1(_, _, kb), acc1);
-    gemm(mma, tCrA(_, _, kb), tCrB2(_, _, kb), acc2);
-  }
-}
-
 // acc += A B^T with A already in registers (as an A operand) and B (N, K) in shared memory.
 template <class Tr, class RA, class TB, class Acc, class CopyB>
 __device__ __forceinline__ void gemm_rs(Acc& acc, RA const& tCrA, TB const& sB, CopyB, int tid) {
@@ -370,13 +335,10 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     }
 
     if (!p.state_only) {
-      // S_qk = Q K^T and O = Q S (the state) share their loads of Q
+    // P = (Q K^T) * D * scale_intra
       Tensor accS = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});      // (MMA, MMA_M, MMA_N)
-      Tensor accO = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
       clear(accS);
-      clear(accO);
-      gemm_ss2<Tr>(accS, accO, sQ, sK, sHt, typename Tr::LdsmT{}, tid);
-      // P = S_qk * D * scale_intra
+      gemm_ss<Tr>(accS, sQ, sK, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
       {
         const int r0 = get<0>(tScS(0)), c0 = get<1>(tScS(0));
         const float g_row[2] = {G[r0], G[r0 + 8]};
@@ -398,8 +360,11 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       CUTE_UNROLL
       for (int i = 0; i < size(accS); ++i) rP(i) = static_cast<Elem>(accS(i));
       Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));   // (MMA, MMA_M, C/16)
-
+  
       // O = diag(exp(G)) Q S * scale_inter + P V
+      Tensor accO = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
+      clear(accO);
+      gemm_ss<Tr>(accO, sQ, sHt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
       {
         const int r0 = get<0>(tOcO(0));
         const float w[2] = {__expf(G[r0]) * p.scale_inter, __expf(G[r0 + 8]) * p.scale_inter};
@@ -407,7 +372,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
         for (int i = 0; i < size(accO); ++i) accO(i) *= w[(i / 2) % 2];
       }
       gemm_rs<Tr>(accO, tOrP, sVt, typename Tr::LdsmT{}, tid);
-
+  
       // Epilogue. Optional per-row dot products with another tensor (dg of the backward).
       if (p.dots != nullptr) {   // partner rows were prefetched with the chunk (zeros past the end)
         Tensor sD = make_tensor(make_smem_ptr(dot_buf + stage * Tr::kV), typename Tr::LayoutV{});  // (C, BV)
@@ -449,7 +414,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
           *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
               *reinterpret_cast<const cute::uint128_t*>(&sQ(r, col));
       }
-
+  
     }
     __syncthreads();                     // scaled v written; every warp is done with the state copy
     // S = exp(G_last) S + K^T Vs
