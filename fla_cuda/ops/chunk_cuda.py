@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from .utils import LOG_GATE_MIN
 
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
-MIN_LOG_GATE = -1e4   # the kernels clamp gates here (as the PyTorch path does)
 
 
 def value_tile(dk: int) -> int:
@@ -103,9 +103,9 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_simple_gla_fw
                                                   cu_seqlens[1:] - cu_seqlens[:-1], output_size=T)
                     dgt = dgt + last[seq][None]
             if g is not None:
-                dg = torch.where(g < MIN_LOG_GATE, 0.0, dgt).float()   # clamped gates get no gradient
+                dg = torch.where(g < LOG_GATE_MIN, 0.0, dgt).float()   # clamped gates get no gradient
             else:
-                dgamma = torch.where(g_gamma < MIN_LOG_GATE, 0.0, dgt.sum((0, 1))).float()
+                dgamma = torch.where(g_gamma < LOG_GATE_MIN, 0.0, dgt.sum((0, 1))).float()
         return dq, dk, dv, dg, dgamma, (dh0 if need_dh0 else None), None, None, None
 
     torch.library.register_autograd("fla_cuda::chunk_simple_gla_fwd", _backward, setup_context=_setup_context)

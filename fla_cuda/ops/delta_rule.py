@@ -26,11 +26,11 @@ import torch
 
 from .. import backend
 from ..utils import checks
-from .utils import check_chunk_size, check_head_first, compute_dtype, l2norm, pad_to_chunks, per_sequence
+from .utils import (LOG_GATE_MIN, check_chunk_size, check_head_first, compute_dtype, l2norm, pad_to_chunks,
+                    per_sequence)
 
 __all__ = ["chunk_delta_rule", "fused_recurrent_delta_rule"]
 
-LOG_GATE_MIN = -1e4
 # Chunk length of the general path (per-key/per-value gates or per-channel beta), which
 # builds [C, C, K] / [C, C, V] tensors per chunk: kept small so memory stays ~O(T * 16 * K).
 GENERAL_CHUNK = 16

@@ -30,15 +30,11 @@ import torch
 from .. import backend
 from ..utils.checks import (check_cu_seqlens, check_flag, check_optional, check_qkv, check_state,
                             check_tensor, resolve_scale)
-from .utils import pad_to_chunks, per_sequence, pop_state_layout, swap_state_layout
+from .utils import LOG_GATE_MIN, pad_to_chunks, per_sequence, pop_state_layout, swap_state_layout
 
 __all__ = ["chunk_gla", "fused_recurrent_gla", "gla_chunk_torch"]
 
 MAX_CHUNK = 64    # chunk size of the inter-chunk state loop (a power of two)
-# Log gates are clamped from below here: exp(-1e4) is exactly 0 in fp32/fp64 just like
-# exp(-inf), and the clamp keeps -inf out of the sums. The reference's gradient at such a
-# gate is exp(-1e4) * (...) == 0, which the clamp (zero gradient below the bound) matches.
-LOG_GATE_MIN = -1e4
 
 
 def _split_sums(g: torch.Tensor):

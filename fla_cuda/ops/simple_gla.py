@@ -18,8 +18,8 @@ import torch
 from .. import backend
 from ..utils.checks import (check_cu_seqlens, check_flag, check_optional, check_qkv, check_state,
                             resolve_scale)
-from .utils import (check_chunk_size, check_head_first, compute_dtype, flip_time, pad_to_chunks, per_sequence,
-                    pop_state_layout, swap_state_layout)
+from .utils import (LOG_GATE_MIN, check_chunk_size, check_head_first, compute_dtype, flip_time, pad_to_chunks,
+                    per_sequence, pop_state_layout, swap_state_layout)
 
 __all__ = [
     "chunk_simple_gla", "fused_chunk_simple_gla", "fused_recurrent_simple_gla", "parallel_simple_gla",
@@ -27,10 +27,6 @@ __all__ = [
 ]
 
 CHUNK_SIZE = 64
-# Log gates are clamped from below at this value: a gate of -inf (or hugely negative) would
-# otherwise turn cumulative-gate differences into (-inf) - (-inf) = NaN. exp(-1e4) is 0 in
-# every float format, so the clamp changes no finite result.
-MIN_LOG_GATE = -1e4
 
 
 
@@ -74,7 +70,7 @@ def _chunk_dense(q, k, v, g, initial_state, *, scale: float, chunk_size: int, cd
     A = qc @ kc.transpose(-1, -2)                                # [B, H, NC, BT, BT]
     if g is not None:
         # Zero log gates in the padding are neutral (decay 1 with zero keys and values).
-        gg = _to_chunks(pad_to_chunks(g.to(cd).clamp(min=MIN_LOG_GATE), BT), BT)  # [B, H, NC, BT]
+        gg = _to_chunks(pad_to_chunks(g.to(cd).clamp(min=LOG_GATE_MIN), BT), BT)  # [B, H, NC, BT]
         # Cumulative gates in fp64: with gates near the clamp the sums reach ~1e4-1e6, where
         # fp32 differences of two sums would lose most of their digits.
         gc = gg.to(torch.float64).cumsum(-1)
@@ -266,9 +262,9 @@ def parallel_attention(q, k, v, g, scale: float, cd: torch.dtype) -> tuple[torch
     A = torch.einsum("bihk,bjhk->bhij", q.to(cd) * scale, k.to(cd))
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     if g is not None:
-        # Clamp (see MIN_LOG_GATE) and cumulate in fp64: over long sequences the fp32 sums
+        # Clamp (see LOG_GATE_MIN) and cumulate in fp64: over long sequences the fp32 sums
         # would lose the digits of their differences.
-        gc = g.to(cd).clamp(min=MIN_LOG_GATE).to(torch.float64).cumsum(1).transpose(1, 2)  # [B, H, T]
+        gc = g.to(cd).clamp(min=LOG_GATE_MIN).to(torch.float64).cumsum(1).transpose(1, 2)  # [B, H, T]
         diff = (gc[..., :, None] - gc[..., None, :]).to(cd)
         A = A * torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
     else:

@@ -6,6 +6,13 @@ from typing import Callable, Sequence
 
 import torch
 
+# Log gates are clamped from below at this value (every PyTorch path and the chunk kernels,
+# csrc/chunk kMinLogGate): a gate of -inf (or hugely negative) would otherwise turn
+# cumulative-gate differences into (-inf) - (-inf) = NaN. exp(-1e4) is exactly 0 in every
+# float format, as exp(-inf) is, so the clamp changes no finite result; clamped gates get a
+# zero gradient, which matches the reference's exp(-1e4) * (...) == 0.
+LOG_GATE_MIN = -1e4
+
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) along the last dim, in fp32 (FLA's in-kernel l2norm)."""
