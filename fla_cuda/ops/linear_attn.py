@@ -28,26 +28,19 @@ def _split_state(initial_state, normalize: bool):
     return initial_state, None
 
 
-def _key_prefix_sums(kf: torch.Tensor, C: int = 64) -> torch.Tensor:
-    """Inclusive cumulative sum of kf [B, T, H, K] along T as a two-level scan: within chunks
-    of C, then across chunk totals. torch's scan along a long outer dim runs one thread per
-    column (B*H*K threads for T sequential steps); both levels here are short."""
+def _key_prefix_sums(kf: torch.Tensor, reverse: bool, C: int = 64) -> torch.Tensor:
+    """Inclusive running sum of kf [B, T, H, K] along T (from the end if ``reverse``) as a
+    two-level scan: within chunks of C, then across chunk totals. torch's scan along a long
+    outer dim runs one thread per column (B*H*K threads for T sequential steps); both levels
+    here are short."""
+    if reverse:
+        return _key_prefix_sums(kf.flip(1), False, C).flip(1)
     B, T, H, K = kf.shape
-    kc = pad_to_chunks(kf, C).view(B, -1, C, H, K)
-    intra = kc.cumsum(2)
+    NC = (T + C - 1) // C
+    intra = pad_to_chunks(kf, C).view(B, NC, C, H, K).cumsum(2)
     totals = intra[:, :, -1]
     before = totals.cumsum(1) - totals                       # exclusive prefix over chunks
-    return (intra + before[:, :, None]).view(B, -1, H, K)[:, :T]
-
-
-def _normalize_dense(o, q, kf, scale: float, z_init, reverse: bool, cd):
-    B, T, H, K = kf.shape
-    k_cum = _key_prefix_sums(kf.flip(1)).flip(1) if reverse else _key_prefix_sums(kf)
-    if z_init is not None:
-        k_cum = k_cum + z_init.to(cd)
-    z = (k_cum[:, :1] if reverse else k_cum[:, -1:]).clone()
-    denom = (q.to(cd) * k_cum).sum(-1, keepdim=True) * scale + 1e-10
-    return (o.to(cd) / denom).to(q.dtype), z
+    return (intra + before[:, :, None]).view(B, NC * C, H, K)[:, :T]
 
 
 def normalize_with_z_state(o, q, k, scale: float, z_init, reverse: bool, cu_seqlens):
@@ -56,24 +49,22 @@ def normalize_with_z_state(o, q, k, scale: float, z_init, reverse: bool, cu_seql
     cd = compute_dtype(q)
     B, T, H, K = k.shape
     kf = k.to(cd)
-    if cu_seqlens is None and T > 0:
-        return _normalize_dense(o, q, kf, scale, z_init, reverse, cd)
-    bounds = seq_bounds(cu_seqlens, B, T)
+    # dense batches: one scan over all rows; packed sequences: one per sequence
+    rows = [(slice(None), 0, T)] if cu_seqlens is None else \
+        [(slice(n, n + 1), bos, eos) for n, (bos, eos) in enumerate(seq_bounds(cu_seqlens, B, T))]
     pieces, z_out = [], []
-    for n, (bos, eos) in enumerate(bounds):
-        b = n if cu_seqlens is None else 0
-        kn = kf[b:b + 1, bos:eos]
-        kc = kn.flip(1).cumsum(1).flip(1) if reverse else kn.cumsum(1)
-        if z_init is not None:
-            kc = kc + z_init[n:n + 1].to(cd)
+    for seqs, bos, eos in rows:
+        z0 = None if z_init is None else z_init[seqs].to(cd)
+        kc = _key_prefix_sums(kf[:, bos:eos], reverse)
+        if z0 is not None:
+            kc = kc + z0
         pieces.append(kc)
         if eos > bos:
-            z_out.append(kc[:, :1] if reverse else kc[:, -1:])
+            z_out.append((kc[:, :1] if reverse else kc[:, -1:]).clone())
         else:   # empty sequence: keeps its initial key sum
-            z_out.append(z_init[n:n + 1].to(cd) if z_init is not None
-                         else torch.zeros(1, 1, H, K, dtype=cd, device=k.device))
-    k_cum = torch.cat(pieces, dim=0 if cu_seqlens is None else 1)
-    denom = (q.to(cd) * scale * k_cum).sum(-1, keepdim=True) + 1e-10
+            z_out.append(z0 if z0 is not None else kf.new_zeros(kc.shape[0], 1, H, K))
+    k_cum = torch.cat(pieces, dim=1)
+    denom = (q.to(cd) * k_cum).sum(-1, keepdim=True) * scale + 1e-10
     return (o.to(cd) / denom).to(q.dtype), torch.cat(z_out, dim=0)
 
 
