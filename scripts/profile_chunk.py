@@ -20,16 +20,17 @@ def main():
     a = ap.parse_args()
     B, T, H, D = map(int, a.shape.split("x"))
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda"))
-    leaves = [t.requires_grad_(a.bwd) for t in (q, k, v, g)]
+    gate = {}
+    if a.op == "chunk_simple_gla":   # the only op here that takes per-step gates
+        gate["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda"))
+    leaves = [t.requires_grad_(a.bwd) for t in (q, k, v, *gate.values())]
     do = torch.randn_like(v)
     fn = getattr(fla_cuda, a.op)
 
     def step():
-        o = fn(*leaves[:3], g=leaves[3])[0] if a.op == "chunk_simple_gla" else fn(*leaves[:3])[0]
+        o = fn(q, k, v, **gate)[0]
         if a.bwd:
-            torch.autograd.grad(o, [t for t in leaves if t.requires_grad and (t is not leaves[3] or
-                                                                              a.op == "chunk_simple_gla")], do)
+            torch.autograd.grad(o, leaves, do)
 
     for _ in range(3):
         step()

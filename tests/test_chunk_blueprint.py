@@ -78,3 +78,18 @@ def test_dh_is_the_gradient_of_each_chunk_state():
     h_c = fwd["h"][:, :, c]
     change = loss(h_c + delta) - loss(h_c)
     assert torch.allclose(change, (bwd["dh"][:, :, c] * delta).sum(), rtol=1e-6, atol=1e-14)
+
+
+def test_gate_gradient_scan_per_sequence():
+    """The chunk kernels' dg assembly (fla_cuda.ops.chunk_cuda._gate_gradient): a reverse
+    cumulative sum inside each packed sequence plus that sequence's sink term."""
+    from fla_cuda.ops.chunk_cuda import _gate_gradient
+    x = torch.randn(1, 9, 3, dtype=torch.float64)
+    cu = torch.tensor([0, 4, 4, 9])
+    sink = torch.randn(3, 3, dtype=torch.float64)
+    pieces = [x[:, a:b].flip(1).cumsum(1).flip(1) + sink[i] for i, (a, b) in enumerate([(0, 4), (4, 4), (4, 9)])]
+    assert torch.allclose(_gate_gradient(x, cu, sink), torch.cat(pieces, 1))
+    pieces = [x[:, a:b].flip(1).cumsum(1).flip(1) for a, b in [(0, 4), (4, 9)]]
+    assert torch.allclose(_gate_gradient(x, cu, None), torch.cat(pieces, 1))
+    xb, sb = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    assert torch.allclose(_gate_gradient(xb, None, sb), xb.flip(1).cumsum(1).flip(1) + sb[:, None])

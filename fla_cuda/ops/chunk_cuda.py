@@ -37,18 +37,21 @@ def supports(q: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
-def _reverse_cumsum_per_sequence(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """x [B, T, H] -> y_t = sum of x_s over s >= t within t's sequence (fp64)."""
+def _gate_gradient(per_token: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                   sink: torch.Tensor | None) -> torch.Tensor:
+    """dg [B, T, H] (fp64) from the identity in the module docstring: the sum of
+    per_token [B, T, H] over s >= t within t's sequence, plus sink [N, H] (= <h_T, dh_T>)
+    of t's sequence when given."""
     # scan along the innermost dim: torch's outer-dim scan kernel is ~50x slower here
-    rc = x.double().transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+    rc = per_token.double().transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
     if cu_seqlens is None:
-        return rc
-    T = x.shape[1]
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    eos = torch.repeat_interleave(cu_seqlens[1:], lengths, output_size=T)     # [T]
+        return rc if sink is None else rc + sink[:, None, :]
+    T = per_token.shape[1]
+    seq = torch.repeat_interleave(torch.arange(cu_seqlens.shape[0] - 1, device=rc.device),
+                                  cu_seqlens[1:] - cu_seqlens[:-1], output_size=T)     # [T]
     rc_pad = torch.cat([rc, rc.new_zeros(1, 1, rc.shape[2])], dim=1)
-    return rc - rc_pad[:, eos]
-
+    dg = rc - rc_pad[:, cu_seqlens[1:][seq]]       # drop what lies past t's sequence end
+    return dg if sink is None else dg + sink[seq][None]
 
 if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_simple_gla_fwd"):
 
@@ -93,15 +96,9 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_simple_gla_fw
         dg = dgamma = None
         if need_dg:
             per_token = (dq_dots.sum(0) - dk_dots.sum(0)).view(B, T, H)
-            dgt = _reverse_cumsum_per_sequence(per_token, cu_seqlens)
-            if dht is not None:   # the final state is a sink after every step
-                last = (ht.double() * dht.double()).sum((-1, -2))                       # [N, H]
-                if cu_seqlens is None:
-                    dgt = dgt + last[:, None, :]
-                else:
-                    seq = torch.repeat_interleave(torch.arange(last.shape[0], device=q.device),
-                                                  cu_seqlens[1:] - cu_seqlens[:-1], output_size=T)
-                    dgt = dgt + last[seq][None]
+            # the final state is a sink after every step
+            sink = None if dht is None else (ht.double() * dht.double()).sum((-1, -2))   # [N, H]
+            dgt = _gate_gradient(per_token, cu_seqlens, sink)
             if g is not None:
                 dg = torch.where(g < LOG_GATE_MIN, 0.0, dgt).float()   # clamped gates get no gradient
             else:
