@@ -2,17 +2,13 @@
 key-sum normalizer, against the fp64 recurrence."""
 from __future__ import annotations
 
-import sys
-import types
 
 import pytest
 import torch
 
-from fla_cuda import backend
 from fla_cuda.ops.linear_attn import chunk_linear_attn, fused_chunk_linear_attn, fused_recurrent_linear_attn
-from fla_cuda.reference.recurrence import recurrence_reference
 from fla_cuda.reference.simple_gla import linear_attn_reference
-from tests.utils import assert_close, grads, make_cu_seqlens, randn
+from tests.utils import assert_close, fake_recurrent_kernel, grads, make_cu_seqlens, randn
 
 OPS = [chunk_linear_attn, fused_chunk_linear_attn, fused_recurrent_linear_attn]
 IDS = [f.__name__ for f in OPS]
@@ -162,20 +158,7 @@ def test_return_structure():
 
 
 def test_cuda_dispatch_plumbing(monkeypatch):
-    calls = []
-
-    def fake(q, k, v, *, g=None, scale, initial_state=None, output_final_state=False, reverse=False,
-             cu_seqlens=None, **kw):
-        calls.append(dict(g=g, reverse=reverse, kw=kw))
-        o, ht = recurrence_reference(q, k, v, scale=scale, initial_state=initial_state,
-                                     output_final_state=output_final_state, reverse=reverse,
-                                     cu_seqlens=cu_seqlens)
-        return o.to(q.dtype), (None if ht is None else ht.float())
-
-    mod = types.ModuleType("fla_cuda.ops.recurrent_cuda")
-    mod.fused_recurrent_cuda = fake
-    monkeypatch.setitem(sys.modules, "fla_cuda.ops.recurrent_cuda", mod)
-    monkeypatch.setattr(backend, "use_cuda", lambda op, *a: op == "fused_recurrent_linear_attn")
+    calls = fake_recurrent_kernel(monkeypatch, "fused_recurrent_linear_attn")
     inp = make_inputs(2, 12, 2, 4, 6)
     compare(fused_recurrent_linear_attn, inp, True, reverse=True, check_grads=False)
     assert len(calls) == 1 and calls[0]["g"] is None and calls[0]["reverse"] and not calls[0]["kw"]

@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import torch
 
-from fla_cuda import backend
 from fla_cuda.ops.retention import (chunk_retention, fused_chunk_retention, fused_recurrent_retention,
                                     parallel_retention, retention_g_gamma)
-from fla_cuda.reference.recurrence import recurrence_reference
 from fla_cuda.reference.simple_gla import retention_reference, simple_gla_attention_reference
-from tests.utils import assert_close, grads, make_cu_seqlens, randn
+from tests.utils import assert_close, fake_recurrent_kernel, grads, make_cu_seqlens, randn
 
 STATE_OPS = [chunk_retention, fused_chunk_retention, fused_recurrent_retention]
 ALL_OPS = STATE_OPS + [parallel_retention]
@@ -164,24 +160,13 @@ def test_parallel_attentions():
 
 
 def test_cuda_dispatch_plumbing(monkeypatch):
-    calls = []
-
-    def fake(q, k, v, *, g=None, scale, initial_state=None, output_final_state=False, reverse=False,
-             cu_seqlens=None, **kw):
-        calls.append(g)
-        o, ht = recurrence_reference(q, k, v, g=g, scale=scale, initial_state=initial_state,
-                                     output_final_state=output_final_state, reverse=reverse,
-                                     cu_seqlens=cu_seqlens)
-        return o.to(q.dtype), (None if ht is None else ht.float())
-
-    mod = types.ModuleType("fla_cuda.ops.recurrent_cuda")
-    mod.fused_recurrent_cuda = fake
-    monkeypatch.setitem(sys.modules, "fla_cuda.ops.recurrent_cuda", mod)
-    monkeypatch.setattr(backend, "use_cuda", lambda op, *a: op == "fused_recurrent_retention")
+    calls = fake_recurrent_kernel(monkeypatch, "fused_recurrent_retention")
     inp = make_inputs(2, 12, 3, 4, 6)
     check(fused_recurrent_retention, inp, kw={"reverse": True}, ref_kw={"reverse": True}, check_grads=False)
-    assert len(calls) == 1 and calls[0].shape == (2, 12, 3) and calls[0].dtype == torch.float32
-    assert torch.allclose(calls[0][1, 5], retention_g_gamma(inp["q"]))
+    assert len(calls) == 1
+    g = calls[0]["g"]
+    assert g.shape == (2, 12, 3) and g.dtype == torch.float32
+    assert torch.allclose(g[1, 5], retention_g_gamma(inp["q"]))
     chunk_retention(**inp)
     assert len(calls) == 1
 

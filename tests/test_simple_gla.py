@@ -1,19 +1,15 @@
 """simple GLA (chunk / fused_chunk / fused_recurrent / parallel) against the fp64 recurrence."""
 from __future__ import annotations
 
-import sys
 import time
-import types
 
 import pytest
 import torch
 
-from fla_cuda import backend
 from fla_cuda.ops.simple_gla import (chunk_simple_gla, fused_chunk_simple_gla, fused_recurrent_simple_gla,
                                      parallel_simple_gla, simple_gla_chunk_torch)
-from fla_cuda.reference.recurrence import recurrence_reference
 from fla_cuda.reference.simple_gla import simple_gla_attention_reference, simple_gla_reference
-from tests.utils import assert_close, grads, log_gate, make_cu_seqlens, randn
+from tests.utils import assert_close, fake_recurrent_kernel, grads, log_gate, make_cu_seqlens, randn
 
 STATE_OPS = [chunk_simple_gla, fused_chunk_simple_gla, fused_recurrent_simple_gla]
 ALL_OPS = STATE_OPS + [parallel_simple_gla]
@@ -242,20 +238,7 @@ def test_parallel_attentions():
 def test_cuda_dispatch_plumbing(monkeypatch):
     """The CUDA branch of fused_recurrent_simple_gla (checked with a fake kernel module):
     g_gamma is expanded to an fp32 [B,T,H] g, states are K-first, reverse/cu_seqlens pass through."""
-    calls = []
-
-    def fake(q, k, v, *, g=None, scale, initial_state=None, output_final_state=False, reverse=False,
-             cu_seqlens=None, **kw):
-        calls.append(dict(g=g, h0=initial_state, reverse=reverse, cu_seqlens=cu_seqlens, kw=kw))
-        o, ht = recurrence_reference(q, k, v, g=g, scale=scale, initial_state=initial_state,
-                                     output_final_state=output_final_state, reverse=reverse,
-                                     cu_seqlens=cu_seqlens)
-        return o.to(q.dtype), (None if ht is None else ht.float())
-
-    mod = types.ModuleType("fla_cuda.ops.recurrent_cuda")
-    mod.fused_recurrent_cuda = fake
-    monkeypatch.setitem(sys.modules, "fla_cuda.ops.recurrent_cuda", mod)
-    monkeypatch.setattr(backend, "use_cuda", lambda op, *a: op == "fused_recurrent_simple_gla")
+    calls = fake_recurrent_kernel(monkeypatch, "fused_recurrent_simple_gla")
     lengths = [3, 9]
     cu = make_cu_seqlens(lengths)
     inp = make_inputs(1, 12, 2, 4, 6, "g_gamma", N=2)

@@ -48,3 +48,30 @@ def grads(outputs, inputs, cotangents):
     gs = torch.autograd.grad(outputs, live, cotangents, allow_unused=True)
     it = iter(gs)
     return [None if (x is None or not x.requires_grad) else next(it) for x in inputs]
+
+
+def fake_recurrent_kernel(monkeypatch, op: str) -> list[dict]:
+    """Send ``op`` (and no other op) down its CUDA branch, with the kernel module replaced by a
+    fake that runs the fp64 oracle. Returns the list that records every call's g,
+    initial_state ("h0"), reverse, cu_seqlens and any other keywords ("kw")."""
+    import sys
+    import types
+
+    from fla_cuda import backend
+    from fla_cuda.reference.recurrence import recurrence_reference
+
+    calls = []
+
+    def fake(q, k, v, *, g=None, scale, initial_state=None, output_final_state=False, reverse=False,
+             cu_seqlens=None, **kw):
+        calls.append(dict(g=g, h0=initial_state, reverse=reverse, cu_seqlens=cu_seqlens, kw=kw))
+        o, ht = recurrence_reference(q, k, v, g=g, scale=scale, initial_state=initial_state,
+                                     output_final_state=output_final_state, reverse=reverse,
+                                     cu_seqlens=cu_seqlens)
+        return o.to(q.dtype), (None if ht is None else ht.float())
+
+    mod = types.ModuleType("fla_cuda.ops.recurrent_cuda")
+    mod.fused_recurrent_cuda = fake
+    monkeypatch.setitem(sys.modules, "fla_cuda.ops.recurrent_cuda", mod)
+    monkeypatch.setattr(backend, "use_cuda", lambda name, *a: name == op)
+    return calls
