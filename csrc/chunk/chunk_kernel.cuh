@@ -186,11 +186,13 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   // token (row of the [B*T, H, D] inputs) at processing position pos
   auto token = [&](int64_t pos) { return bos + (p.reverse ? len - 1 - pos : pos); };
   // log gate applied to the state before position pos (see chunk.h for the reverse shift)
-  auto gate = [&](int64_t pos) -> float {
-    if (pos >= len || (p.reverse && pos == 0)) return 0.f;
-    const int64_t t = p.reverse ? bos + len - pos : bos + pos;
+  auto gate_at_token = [&](int64_t t) -> float {   // clamped log gate of token t
     const float x = p.g != nullptr ? p.g[t * H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f);
     return fmaxf(x, kMinLogGate);
+  };
+  auto gate = [&](int64_t pos) -> float {
+    if (pos >= len || (p.reverse && pos == 0)) return 0.f;
+    return gate_at_token(p.reverse ? bos + len - pos : bos + pos);
   };
 
   const Elem* q = static_cast<const Elem*>(p.q) + h * DK;
@@ -313,9 +315,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
     Tensor sK = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
     Tensor sKt = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutKt{});  // (DK, C)
-    Tensor sV = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutV{});     // (C, BV)
     Tensor sVt = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutVt{});   // (BV, C)
-    Tensor sVs = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutV{});                    // (C, BV)
     Tensor sVst = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutVt{});                  // (BV, C)
     Tensor sHt = make_tensor(make_smem_ptr(ht_buf), typename Tr::LayoutHt{});                   // (BV, DK) view
     const float* G = g_buf + stage * C;
@@ -435,8 +435,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   }
   if (p.ht != nullptr && last_seg) {
     // reverse: the first step's gate still applies (dL/dS_{-1} = exp(g_0) dL/dS_0)
-    const float a = (p.reverse && len > 0) ? __expf(fmaxf(
-        p.g != nullptr ? p.g[bos * H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f), kMinLogGate)) : 1.f;
+    const float a = (p.reverse && len > 0) ? __expf(gate_at_token(bos)) : 1.f;
     CUTE_UNROLL
     for (int i = 0; i < size(accH); ++i)
       p.ht[state_off + get<0>(tHcH(i)) * p.state_stride_k + get<1>(tHcH(i)) * p.state_stride_v] = accH(i) * a;
