@@ -140,6 +140,39 @@ def test_decode_step(fam):
     check(run_both(fam, x, h0=h0, grad=False), torch.bfloat16)
 
 
+@pytest.mark.parametrize("fam", ["simple_gla", "gla_gv", "delta_rule_beta_v", "dplr"])
+@pytest.mark.parametrize("K,V,HV,with_h0,dtype", [
+    (64, 64, 4, True, torch.float32),     # K = 64 layout, grouped value heads
+    (128, 100, 2, True, torch.float16),   # V % 32 != 0: a partial last value tile
+    (128, 128, 2, False, torch.bfloat16), # no initial state
+    (128, 50, 2, True, torch.float32),    # V % 4 != 0: not the decode kernel (the walk kernel)
+    (256, 64, 2, True, torch.float32),    # K = 256: the walk kernel
+])
+def test_decode_kernel_edges(fam, K, V, HV, with_h0, dtype):
+    """The persistent decode kernel (dense T = 1 without autograd; each block does many
+    tiles) across layouts, partial tiles, state in or not, and the shapes that fall back."""
+    x = make_inputs(fam, 300, 1, 2, K, V, dtype, HV=HV if "delta" in fam else None, seed=3)
+    HV = x["v"].shape[2]
+    h0 = torch.randn(300, HV, K, V, device="cuda") if with_h0 else None
+    check(run_both(fam, x, h0=h0, grad=False, scale=0.3), dtype)
+
+
+def test_decode_kernel_l2norm():
+    from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
+    x = make_inputs("gated_delta_rule", 200, 1, 4, 128, 128, torch.bfloat16, seed=5)
+    x["k"] = (x["k"].float() * 3).to(torch.bfloat16)
+    h0 = torch.randn(200, 4, 128, 128, device="cuda")
+    o, ht = fused_recurrent_cuda(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], delta=True, scale=0.2,
+                                 initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+    ref = {n: t.double() for n, t in x.items()}
+    qn = ref["q"] / (ref["q"].square().sum(-1, keepdim=True) + 1e-6).sqrt()
+    kn = ref["k"] / (ref["k"].square().sum(-1, keepdim=True) + 1e-6).sqrt()
+    ro, rht = recurrence_reference(qn, kn, ref["v"], g=ref["g"], beta=ref["beta"], delta=True, scale=0.2,
+                                   initial_state=h0.double(), output_final_state=True)
+    assert_close("o", ro, o, tol(torch.bfloat16))
+    assert_close("ht", rht, ht, tol(torch.bfloat16))
+
+
 def test_backward_deterministic():
     x = make_inputs("dplr", 2, 100, 2, 64, 64, torch.bfloat16)
     g1 = run_both("dplr", x, h0=torch.randn(2, 2, 64, 64, device="cuda"))

@@ -16,6 +16,9 @@
 // a butterfly reduce-scatter across lanes and written as per-value-tile partials that the
 // host sums in a fixed order (no atomics).
 #pragma once
+#include <algorithm>
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,6 +31,7 @@ namespace recurrent {
 
 constexpr int BV = kRecurrentBV;
 constexpr int CKPT = kRecurrentCkpt;
+constexpr int kDecodeStages = 3;  // decode kernel: tiles in flight + 1
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -47,6 +51,9 @@ struct Layout {
   static constexpr int kWarps = KMAX <= 64 ? 4 : 8;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kFwdMinBlocks = KMAX <= 128 ? 1024 / kThreads : 2;
+  // The decode kernel holds two tiles' inputs: 3/4 of the blocks, <= 80 registers, no spills
+  // (two tiles in flight per block still keep 96 KB per SM in flight).
+  static constexpr int kDecodeMinBlocks = kFwdMinBlocks * 3 / 4;
   static constexpr int kRows = KMAX / kWarps;  // state rows per thread: warp * kRows + i
   static_assert(kRows == 16 || kRows == 32, "reduce-scatter handles 16 or 32 rows per thread");
   static_assert(KMAX <= kThreads, "one staged K-vector element per thread");
@@ -82,10 +89,10 @@ struct BlockCoord {
   int64_t blk;
 };
 
-__device__ __forceinline__ BlockCoord block_coord(const RecurrentParams& p) {
+__device__ __forceinline__ BlockCoord block_coord(const RecurrentParams& p, int64_t tile) {
   BlockCoord c;
   const int NV = recurrent_value_tiles(p.V);
-  c.blk = blockIdx.x;
+  c.blk = tile;
   c.vt = static_cast<int>(c.blk % NV);
   const int64_t nh = c.blk / NV;
   c.hv = static_cast<int>(nh % p.HV);
@@ -318,7 +325,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kFwdMinB
   __shared__ __align__(16) float s_vec[2][kNumVec][KMAX];  // double-buffered by step parity
   __shared__ float s_red[4][W][BV];  // 0 w, 1 u (forward_step), 2 o, 3 l2norm
 
-  const BlockCoord c = block_coord(p);
+  const BlockCoord c = block_coord(p, blockIdx.x);
   const SeqInfo sq = seq_info(p, c.n);
   const int64_t state_off = (static_cast<int64_t>(c.n) * p.HV + c.hv) * p.K * p.V;
   const int64_t slot_stride = static_cast<int64_t>(p.HV) * p.K * p.V;
@@ -362,6 +369,97 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kFwdMinB
 }
 
 // ---------------------------------------------------------------------------------------
+// Decode step: every sequence is one token (dense T == 1, no checkpoints). In the walk
+// kernel above a block's life is then load -> compute -> store, and while it computes it
+// has nothing in flight, so 4 resident blocks per SM kept DRAM at 55-80% of copy speed.
+// Here persistent blocks loop over tiles with a 3-stage pipeline: the initial state of the
+// tile two ahead is copied into shared memory (cp.async) and its inputs into one of two
+// register sets while the current tile computes, so each load has two tiles' time to land.
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Tile `c`'s [KMAX, BV] slice of h0 -> dst, 16 bytes per copy (the host checks V % 4 == 0
+// and a 16-byte aligned h0). Rows / columns past K / V are zero-filled.
+template <int KMAX>
+__device__ __forceinline__ void prefetch_state(const RecurrentParams& p, const BlockCoord& c, float (*dst)[BV]) {
+  constexpr int kPieces = KMAX * BV / 4, kThreads = Layout<KMAX>::kThreads;
+  static_assert(kPieces % kThreads == 0, "whole copies per thread");
+  const float* src = p.h0 + (static_cast<int64_t>(c.n) * p.HV + c.hv) * p.K * p.V;
+#pragma unroll
+  for (int i = 0; i < kPieces / kThreads; ++i) {
+    const int j = threadIdx.x + i * kThreads;
+    const int r = j / (BV / 4), c4 = (j % (BV / 4)) * 4;
+    const int col = c.vt * BV + c4;
+    const bool ok = r < p.K && col < p.V;
+    cp_async_16(&dst[r][c4], ok ? src + static_cast<int64_t>(r) * p.V + col : src, ok);
+  }
+}
+
+template <typename T, int KMAX>
+__global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeMinBlocks) recurrent_decode_kernel(const RecurrentParams p) {
+  using L = Layout<KMAX>;
+  constexpr int R = L::kRows, W = L::kWarps;
+  extern __shared__ __align__(16) float s_states[];  // [kDecodeStages][KMAX][BV] initial states
+  __shared__ __align__(16) float s_vec[kNumVec][KMAX];
+  __shared__ float s_red[4][W][BV];  // 0 w, 1 u (forward_step), 2 o, 3 l2norm
+
+  const int64_t tiles = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
+  const int64_t G = gridDim.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  auto state_buf = [&](int64_t i) { return reinterpret_cast<float (*)[BV]>(s_states + (i % kDecodeStages) * KMAX * BV); };
+  // Issue tile i's loads (this block's i-th tile): inputs into `in`, h0 into its stage.
+  auto issue = [&](int64_t i, StepInputs& in) {
+    const int64_t tile = blockIdx.x + i * G;
+    if (tile < tiles) {
+      const BlockCoord c = block_coord(p, tile);
+      in.load<T>(p, c, c.n, false);  // T == 1: sequence n's token is row n
+      if (p.h0) prefetch_state<KMAX>(p, c, state_buf(i));
+    }
+    cp_async_commit();  // (empty past the end: the wait below counts groups)
+  };
+  // Tile i, whose loads were issued two tiles ago; then issue tile i + 2 into `in`.
+  auto step = [&](int64_t i, StepInputs& in) {
+    const BlockCoord c = block_coord(p, blockIdx.x + i * G);
+    cp_async_wait<1>();  // all but tile i + 1's group: tile i's state has landed
+    in.stage<KMAX>(s_vec);
+    const StepInputs cur = in;
+    issue(i + 2, in);  // into the stage tile i - 1 used (free since its last barrier)
+    __syncthreads();   // staged vectors and every thread's copies visible
+    float s[R];
+    const float (*h0)[BV] = state_buf(i);
+#pragma unroll
+    for (int r = 0; r < R; ++r) s[r] = p.h0 ? h0[warp * R + r][lane] : 0.f;
+    if (p.l2norm_qk) normalize_qk<KMAX, W>(p, s_vec, s_red[3]);
+
+    forward_step<KMAX>(p, s, s_vec, cur, s_red);
+    float qv[R];
+    load_rows<R>(&s_vec[kQ][warp * R], qv);
+    float part = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) part += qv[r] * s[r];
+    const float o = column_sum<W>(part, s_red[2]);
+    if (warp == 0 && c.col_ok) static_cast<T*>(p.o)[(static_cast<int64_t>(c.n) * p.HV + c.hv) * p.V + c.col] = from_float<T>(o);
+    if (p.ht) store_state<KMAX>(p.ht + (static_cast<int64_t>(c.n) * p.HV + c.hv) * p.K * p.V, s, p, c);
+    __syncthreads();  // s_vec, s_red and this stage are rewritten by the next tiles
+  };
+
+  StepInputs in0, in1;  // inputs of even / odd tiles
+  issue(0, in0);
+  issue(1, in1);
+  for (int64_t i = 0; blockIdx.x + i * G < tiles; i += 2) {
+    step(i, in0);
+    if (blockIdx.x + (i + 1) * G < tiles) step(i + 1, in1);
+  }
+  cp_async_wait<0>();
+}
+
+// ---------------------------------------------------------------------------------------
 template <typename T, int KMAX>
 __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(const RecurrentParams p) {
   using L = Layout<KMAX>;
@@ -369,7 +467,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
   __shared__ __align__(16) float s_vec[2][kNumVec][KMAX];
   __shared__ float s_red[6][W][BV];  // 0 w, 1 u (forward_step), 2 dv', 3 dw, 4 gate, 5 l2norm
 
-  const BlockCoord c = block_coord(p);
+  const BlockCoord c = block_coord(p, blockIdx.x);
   const SeqInfo sq = seq_info(p, c.n);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t state_off = (static_cast<int64_t>(c.n) * p.HV + c.hv) * p.K * p.V;
@@ -518,10 +616,43 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
   if (p.dh0) store_state<KMAX>(p.dh0 + state_off, ds, p, c);
 }
 
+// Resident blocks of `kernel` on the current device, all SMs together (cached per device).
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, int threads, int dynamic_smem) {
+  static int64_t cached[64] = {};
+  int dev = 0;
+  FLA_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  int sms = 0, per_sm = 0;
+  FLA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  FLA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, dynamic_smem));
+  const int64_t total = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  if (dev >= 0 && dev < 64) cached[dev] = total;
+  return total;
+}
+
 template <typename T, int KMAX>
 void launch_recurrent_fwd(const RecurrentParams& p, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
   if (blocks == 0) return;
+  if constexpr (KMAX <= 128) {  // (larger K: two 32 KB state buffers would need dynamic shared memory)
+    const bool decode = p.T == 1 && !p.cu_seqlens && !p.checkpoints && p.V % 4 == 0 &&
+                        reinterpret_cast<uintptr_t>(p.h0) % 16 == 0;
+    if (decode) {
+      const auto kernel = recurrent_decode_kernel<T, KMAX>;
+      constexpr int smem = kDecodeStages * KMAX * BV * sizeof(float);
+      static bool attr_set = false;  // (per instantiation; the attribute is per function)
+      if (!attr_set) {
+        FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        attr_set = true;
+      }
+      // every resident block (fewer measured slower: 342 and 264 blocks against 396)
+      const int64_t grid = std::min(blocks, resident_blocks(kernel, Layout<KMAX>::kThreads, smem));
+      kernel<<<static_cast<unsigned>(grid), Layout<KMAX>::kThreads, smem, stream>>>(p);
+      FLA_CHECK_LAUNCH();
+      return;
+    }
+  }
   recurrent_fwd_kernel<T, KMAX><<<static_cast<unsigned>(blocks), Layout<KMAX>::kThreads, 0, stream>>>(p);
   FLA_CHECK_LAUNCH();
 }
