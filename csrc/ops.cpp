@@ -3,6 +3,7 @@
 // (fla_cuda/ops/recurrent_cuda.py), as in pytorch/extension-cpp.
 #include "common/stable.h"
 #include "chunk/chunk_api.h"
+#include "normalize/normalize_api.h"
 #include "recurrent/recurrent_api.h"
 
 STABLE_TORCH_LIBRARY(fla_cuda, m) {
@@ -22,6 +23,13 @@ STABLE_TORCH_LIBRARY(fla_cuda, m) {
       "chunk_simple_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? g_gamma, Tensor? h0, "
       "Tensor? cu_seqlens, Tensor do, Tensor? dht, float scale, bool need_dg, bool need_dh0) -> "
       "(Tensor dq, Tensor dk, Tensor dv, Tensor dq_dots, Tensor dk_dots, Tensor dh0)");
+  m.def(
+      "linear_attn_normalize_fwd(Tensor o_raw, Tensor q, Tensor k, Tensor? z0, Tensor? cu_seqlens, "
+      "Tensor? chunk_offsets, float scale) -> (Tensor o, Tensor z_final, Tensor den, Tensor k_carry)");
+  m.def(
+      "linear_attn_normalize_bwd(Tensor o_raw, Tensor q, Tensor k, Tensor den, Tensor k_carry, Tensor do, "
+      "Tensor? dz_final, Tensor? cu_seqlens, Tensor? chunk_offsets, float scale) -> "
+      "(Tensor do_raw, Tensor dq, Tensor dk, Tensor dz0)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fla_cuda, CUDA, m) {
@@ -29,4 +37,6 @@ STABLE_TORCH_LIBRARY_IMPL(fla_cuda, CUDA, m) {
   m.impl("recurrent_bwd", TORCH_BOX(&fla::recurrent_bwd));
   m.impl("chunk_simple_gla_fwd", TORCH_BOX(&fla::chunk_simple_gla_fwd));
   m.impl("chunk_simple_gla_bwd", TORCH_BOX(&fla::chunk_simple_gla_bwd));
+  m.impl("linear_attn_normalize_fwd", TORCH_BOX(&fla::linear_attn_normalize_fwd));
+  m.impl("linear_attn_normalize_bwd", TORCH_BOX(&fla::linear_attn_normalize_bwd));
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..utils.checks import FLOAT_DTYPES, check_flag, check_optional
+from . import normalize_cuda
 from .simple_gla import run_simple_gla, validate
 from .utils import compute_dtype, pad_to_chunks, seq_bounds
 
@@ -77,12 +78,17 @@ def _linear_attn(op, q, k, v, scale, initial_state, output_final_state, normaliz
     if normalize:
         H, K = q.shape[2], q.shape[3]
         check_optional("initial_state[1] (z_state)", z_init, (N, 1, H, K), q.device, FLOAT_DTYPES)
+    # the fused normaliser reads o in q's dtype (as FLA's does); the composition wants fp32
+    fused_norm = normalize and normalize_cuda.supports(q, reverse)
     o, ht = run_simple_gla(op, q, k, v, None, None, scale, kv_init, output_final_state, reverse=reverse,
                            cu_seqlens=cu_seqlens, recurrent=recurrent,
-                           o_dtype=compute_dtype(q) if normalize else None)
+                           o_dtype=compute_dtype(q) if normalize and not fused_norm else None)
     if not normalize:
         return o, ht
-    o, z = normalize_with_z_state(o, q, k, scale, z_init, reverse, cu_seqlens)
+    if fused_norm:
+        o, z = normalize_cuda.normalize_cuda(o, q, k, scale, z_init, cu_seqlens)
+    else:
+        o, z = normalize_with_z_state(o, q, k, scale, z_init, reverse, cu_seqlens)
     return o, (ht, z)
 
 

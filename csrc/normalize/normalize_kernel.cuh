@@ -1,0 +1,309 @@
+// Kernels of the linear-attention normalisation; see normalize.h for the math.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "common/cuda_check.h"
+#include "normalize/normalize.h"
+
+namespace fla {
+namespace normalize {
+
+constexpr int C = kNormChunk, kThreads = kNormThreads, kWarps = kThreads / 32;
+constexpr int kUnroll = 8;  // tokens loaded ahead per thread
+static_assert(C % kUnroll == 0, "whole load groups per chunk");
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// The tokens [t0, t1) of a chunk (rows of the packed [B*T] axis) and its sequence.
+struct Span {
+  int n;
+  int64_t t0, t1;
+  bool ok;
+};
+
+__device__ __forceinline__ Span chunk_span(const NormalizeParams& p, int64_t chunk) {
+  Span s{0, 0, 0, false};
+  if (!p.cu_seqlens) {
+    const int64_t per_seq = (p.T + C - 1) / C;
+    s.n = static_cast<int>(chunk / per_seq);
+    s.t0 = static_cast<int64_t>(s.n) * p.T + (chunk % per_seq) * C;
+    s.t1 = min(static_cast<int64_t>(s.n) * p.T + p.T, s.t0 + C);
+    s.ok = s.n < p.N;
+    return s;
+  }
+  if (chunk >= p.chunk_offsets[p.N]) return s;
+  int lo = 0, hi = p.N - 1;  // the last sequence whose first chunk is <= chunk (skips empty ones)
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.chunk_offsets[mid] <= chunk) lo = mid; else hi = mid - 1;
+  }
+  s.n = lo;
+  s.t0 = p.cu_seqlens[lo] + (chunk - p.chunk_offsets[lo]) * C;
+  s.t1 = min(p.cu_seqlens[lo + 1], s.t0 + C);
+  s.ok = true;
+  return s;
+}
+
+// Chunk range [c0, c1) of sequence n.
+__device__ __forceinline__ void seq_chunks(const NormalizeParams& p, int n, int64_t& c0, int64_t& c1) {
+  if (p.cu_seqlens) {
+    c0 = p.chunk_offsets[n];
+    c1 = p.chunk_offsets[n + 1];
+  } else {
+    const int64_t per_seq = (p.T + C - 1) / C;
+    c0 = n * per_seq;
+    c1 = c0 + per_seq;
+  }
+}
+
+// One thread's channel e of a [rows, H, K] tensor at rows t0 + j, j < nt (zeros past nt).
+template <typename T>
+__device__ __forceinline__ void load_channel(const T* x, int64_t t0, int j0, int nt, int h, int e,
+                                             const NormalizeParams& p, float (&out)[kUnroll]) {
+#pragma unroll
+  for (int j = 0; j < kUnroll; ++j)
+    out[j] = j0 + j < nt ? to_float(x[((t0 + j0 + j) * p.H + h) * p.K + e]) : 0.f;
+}
+
+// Sum of channel e of x over the chunk's tokens (scaled per token by w when given).
+template <typename T>
+__device__ __forceinline__ float chunk_total(const T* x, const float* w, const Span& s, int h, int e,
+                                            const NormalizeParams& p) {
+  const int nt = static_cast<int>(s.t1 - s.t0);
+  float acc = 0.f;
+  for (int j0 = 0; j0 < nt; j0 += kUnroll) {
+    float xv[kUnroll];
+    load_channel(x, s.t0, j0, nt, h, e, p, xv);
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j)
+      if (j0 + j < nt) acc += (w ? w[j0 + j] : 1.f) * xv[j];
+  }
+  return acc;
+}
+
+// Per-sequence exclusive scan of chunk totals [chunks, H, K], in place, in chunk order
+// (forward) or from the last chunk (reverse), starting from init [N, H, K] (or 0); the
+// sum over every chunk goes to last [N, H, K]. One thread per (sequence, head, channel).
+template <bool kReverse>
+__global__ void __launch_bounds__(kThreads) carry_scan_kernel(const NormalizeParams p, float* carry,
+                                                              const float* init, float* last) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (idx >= static_cast<int64_t>(p.N) * p.H * p.K) return;
+  const int e = static_cast<int>(idx % p.K), h = static_cast<int>((idx / p.K) % p.H);
+  const int n = static_cast<int>(idx / (static_cast<int64_t>(p.H) * p.K));
+  int64_t c0, c1;
+  seq_chunks(p, n, c0, c1);
+  float acc = init ? init[idx] : 0.f;
+  for (int64_t i0 = 0; i0 < c1 - c0; i0 += kUnroll) {
+    float tot[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {  // loads first: they do not wait on the running sum
+      const int64_t c = kReverse ? c1 - 1 - (i0 + j) : c0 + i0 + j;
+      tot[j] = i0 + j < c1 - c0 ? carry[(c * p.H + h) * p.K + e] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      if (i0 + j < c1 - c0) {
+        const int64_t c = kReverse ? c1 - 1 - (i0 + j) : c0 + i0 + j;
+        carry[(c * p.H + h) * p.K + e] = acc;
+        acc += tot[j];
+      }
+    }
+  }
+  if (last) last[idx] = acc;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward. Blocks are (chunk, head); thread e owns key channel e.
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) key_totals_kernel(const NormalizeParams p) {
+  const Span s = chunk_span(p, blockIdx.x);
+  const int h = blockIdx.y, e = threadIdx.x;
+  if (e >= p.K) return;
+  // rows past the last chunk of packed sequences (the grid is a bound) are zeroed: the
+  // buffer is an output (kept for the backward) and holds no uninitialised memory
+  p.k_carry[(static_cast<int64_t>(blockIdx.x) * p.H + h) * p.K + e] =
+      s.ok ? chunk_total(static_cast<const T*>(p.k), nullptr, s, h, e, p) : 0.f;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) normalize_fwd_kernel(const NormalizeParams p) {
+  __shared__ float s_part[kWarps][C];  // per-warp partial <q_t, c_t>
+  __shared__ float s_den[C];
+  const Span s = chunk_span(p, blockIdx.x);
+  if (!s.ok) return;
+  const int h = blockIdx.y, e = threadIdx.x, lane = e & 31, warp = e >> 5;
+  const int nt = static_cast<int>(s.t1 - s.t0);
+  const bool e_ok = e < p.K;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+
+  float c = e_ok ? p.k_carry[(static_cast<int64_t>(blockIdx.x) * p.H + h) * p.K + e] : 0.f;
+  for (int j0 = 0; j0 < nt; j0 += kUnroll) {
+    float qv[kUnroll], kv[kUnroll];
+    load_channel(q, s.t0, j0, e_ok ? nt : 0, h, e, p, qv);
+    load_channel(k, s.t0, j0, e_ok ? nt : 0, h, e, p, kv);
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      c += kv[j];
+      const float part = warp_sum(qv[j] * c);
+      if (lane == 0) s_part[warp][j0 + j] = part;
+    }
+  }
+  __syncthreads();
+  if (e < nt) {
+    float dot = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) dot += s_part[w][e];  // fixed order
+    const float den = p.scale * dot + 1e-10f;
+    s_den[e] = den;
+    p.den[(s.t0 + e) * p.H + h] = den;
+  }
+  __syncthreads();
+  const T* o_raw = static_cast<const T*>(p.o_raw);
+  T* o = static_cast<T*>(p.o);
+  for (int i = e; i < nt * p.V; i += kThreads) {
+    const int j = i / p.V;
+    const int64_t off = ((s.t0 + j) * p.H + h) * p.V + (i - j * p.V);
+    o[off] = from_float<T>(to_float(o_raw[off]) / s_den[j]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward.
+
+// w_t and do_raw_t for the chunk's tokens (one warp per token), then the chunk total of
+// w_t q_t per channel.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const NormalizeParams p) {
+  __shared__ float s_w[C];
+  const Span s = chunk_span(p, blockIdx.x);
+  if (!s.ok) return;
+  const int h = blockIdx.y, e = threadIdx.x, lane = e & 31, warp = e >> 5;
+  const int nt = static_cast<int>(s.t1 - s.t0);
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* o_raw = static_cast<const T*>(p.o_raw);
+  T* do_raw = static_cast<T*>(p.do_raw);
+  for (int j = warp; j < nt; j += kWarps) {
+    const int64_t row = (s.t0 + j) * p.H + h;
+    const float den = p.den[row];
+    float dot = 0.f;
+    for (int v = lane; v < p.V; v += 32) {
+      const float d = to_float(dout[row * p.V + v]);
+      dot += d * to_float(o_raw[row * p.V + v]);
+      do_raw[row * p.V + v] = from_float<T>(d / den);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) {
+      const float w = -p.scale * dot / (den * den);
+      s_w[j] = w;
+      p.w[row] = w;
+    }
+  }
+  __syncthreads();
+  if (e >= p.K) return;
+  p.q_carry[(static_cast<int64_t>(blockIdx.x) * p.H + h) * p.K + e] =
+      chunk_total(static_cast<const T*>(p.q), s_w, s, h, e, p);
+}
+
+// dq_t = w_t c_t walking forward from the key carry; dk_t = the running sum of w q walking
+// back from the reverse carry.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) normalize_bwd_grads_kernel(const NormalizeParams p) {
+  const Span s = chunk_span(p, blockIdx.x);
+  const int h = blockIdx.y, e = threadIdx.x;
+  if (!s.ok || e >= p.K) return;
+  const int nt = static_cast<int>(s.t1 - s.t0);
+  const int64_t carry = (static_cast<int64_t>(blockIdx.x) * p.H + h) * p.K + e;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  T* dq = static_cast<T*>(p.dq);
+  T* dk = static_cast<T*>(p.dk);
+
+  float c = p.k_carry[carry];
+  for (int j0 = 0; j0 < nt; j0 += kUnroll) {
+    float kv[kUnroll];
+    load_channel(k, s.t0, j0, nt, h, e, p, kv);
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      c += kv[j];
+      if (j0 + j < nt) dq[((s.t0 + j0 + j) * p.H + h) * p.K + e] = from_float<T>(p.w[(s.t0 + j0 + j) * p.H + h] * c);
+    }
+  }
+  float r = p.q_carry[carry];
+  const int groups = (nt + kUnroll - 1) / kUnroll;
+  for (int g = groups - 1; g >= 0; --g) {
+    const int j0 = g * kUnroll;
+    float qv[kUnroll];
+    load_channel(q, s.t0, j0, nt, h, e, p, qv);
+#pragma unroll
+    for (int j = kUnroll - 1; j >= 0; --j) {
+      if (j0 + j < nt) {
+        const int64_t row = (s.t0 + j0 + j) * p.H + h;
+        r += p.w[row] * qv[j];
+        dk[row * p.K + e] = from_float<T>(r);
+      }
+    }
+  }
+}
+
+inline unsigned scan_blocks(const NormalizeParams& p) {
+  return static_cast<unsigned>((static_cast<int64_t>(p.N) * p.H * p.K + kThreads - 1) / kThreads);
+}
+
+}  // namespace normalize
+
+template <typename T>
+void run_normalize_fwd(const NormalizeParams& p, cudaStream_t stream) {
+  using namespace normalize;
+  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.H));
+  if (p.chunks > 0) {
+    key_totals_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+    FLA_CHECK_LAUNCH();
+  }
+  if (p.N > 0) {
+    carry_scan_kernel<false><<<scan_blocks(p), kThreads, 0, stream>>>(p, p.k_carry, p.z0, p.z_final);
+    FLA_CHECK_LAUNCH();
+  }
+  if (p.chunks > 0) {
+    normalize_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+    FLA_CHECK_LAUNCH();
+  }
+}
+
+template <typename T>
+void run_normalize_bwd(const NormalizeParams& p, cudaStream_t stream) {
+  using namespace normalize;
+  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.H));
+  if (p.chunks > 0) {
+    normalize_bwd_dots_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+    FLA_CHECK_LAUNCH();
+  }
+  if (p.N > 0) {
+    carry_scan_kernel<true><<<scan_blocks(p), kThreads, 0, stream>>>(p, p.q_carry, p.dz_final, p.dz0);
+    FLA_CHECK_LAUNCH();
+  }
+  if (p.chunks > 0) {
+    normalize_bwd_grads_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+    FLA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace fla

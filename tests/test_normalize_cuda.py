@@ -1,0 +1,170 @@
+"""The fused linear-attention normalisation (csrc/normalize) against the fp64 PyTorch
+composition it replaces (``linear_attn.normalize_with_z_state``): outputs, the key-sum
+state and every gradient, dense and packed, odd lengths, states in and out. GPU only."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fla_cuda
+from fla_cuda.ops.linear_attn import normalize_with_z_state
+from fla_cuda.ops.normalize_cuda import normalize_cuda, supports
+from tests.utils import assert_close, err_ratio, make_cu_seqlens
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 6e-3, torch.float16: 2e-3}
+
+
+def make_inputs(B, T, H, K, V, dtype, N, seed=0):
+    """q, k feature-mapped positive (elu + 1) as linear-attention models feed them, so the
+    normaliser stays away from zero; o_raw and z0 random."""
+    torch.manual_seed(seed)
+    x = {
+        "o_raw": torch.randn(B, T, H, V, device="cuda").to(dtype),
+        "q": (F.elu(torch.randn(B, T, H, K, device="cuda")) + 1).to(dtype),
+        "k": (F.elu(torch.randn(B, T, H, K, device="cuda")) + 1).to(dtype),
+        "z0": torch.rand(N, 1, H, K, device="cuda"),
+    }
+    return x
+
+
+def run_pair(x, scale, cu_seqlens, with_z0=True):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    z0 = leaves["z0"] if with_z0 else None
+    rz0 = ref_leaves["z0"] if with_z0 else None
+    o, z = normalize_cuda(leaves["o_raw"], leaves["q"], leaves["k"], scale, z0, cu_seqlens)
+    ro, rz = normalize_with_z_state(ref_leaves["o_raw"], ref_leaves["q"], ref_leaves["k"], scale, rz0,
+                                    False, cu_seqlens)
+    assert o.dtype == x["q"].dtype and z.dtype == torch.float32
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    do = torch.randn(o.shape, generator=gen, device="cuda").to(o.dtype)
+    dz = torch.randn(z.shape, generator=gen, device="cuda")
+    names = [n for n in leaves if with_z0 or n != "z0"]
+    gs = torch.autograd.grad((o, z), [leaves[n] for n in names], (do, dz))
+    rgs = torch.autograd.grad((ro, rz), [ref_leaves[n] for n in names], (do.double(), dz.double()))
+    out = {"o": (ro, o), "z": (rz, z)}
+    out.update({"d" + n: (r, g) for n, r, g in zip(names, rgs, gs)})
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T", [1, 63, 500, 2049])
+def test_dense(dtype, T):
+    x = make_inputs(2, T, 3, 64, 64, dtype, N=2)
+    for name, (r, o) in run_pair(x, 0.125, None).items():
+        assert_close(name, r, o, TOL[dtype])
+
+
+@pytest.mark.parametrize("K,V", [(128, 128), (256, 64), (100, 48)])
+def test_head_dims_without_state(K, V):
+    x = make_inputs(1, 200, 2, K, V, torch.bfloat16, N=1)
+    for name, (r, o) in run_pair(x, K ** -0.5, None, with_z0=False).items():
+        assert_close(name, r, o, TOL[torch.bfloat16])
+
+
+def test_packed_sequences():
+    lengths = [1, 64, 0, 130, 63, 500]
+    cu = make_cu_seqlens(lengths, device="cuda")
+    x = make_inputs(1, sum(lengths), 2, 64, 128, torch.bfloat16, N=len(lengths))
+    for name, (r, o) in run_pair(x, 0.2, cu).items():
+        assert_close(name, r, o, TOL[torch.bfloat16])
+
+
+def test_deterministic():
+    x = make_inputs(2, 777, 4, 128, 128, torch.bfloat16, N=2)
+    a, b = run_pair(x, 0.1, None), run_pair(x, 0.1, None)
+    for name in a:
+        assert torch.equal(a[name][1], b[name][1]), name
+
+
+def _public_run(cast, args, monkeypatch, torch_path=False):
+    if torch_path:
+        monkeypatch.setenv("FLA_CUDA_BACKEND", "torch")
+    else:
+        monkeypatch.delenv("FLA_CUDA_BACKEND", raising=False)
+    leaves = {n: cast(t).detach().requires_grad_() for n, t in args.items()}
+    o, (ht, z) = fla_cuda.chunk_linear_attn(leaves["q"], leaves["k"], leaves["v"],
+                                            initial_state=(leaves["h0"], leaves["z0"]),
+                                            output_final_state=True, normalize=True)
+    loss = o.double().square().sum() + ht.double().square().sum() + z.double().sum()
+    return [o, ht, z] + list(torch.autograd.grad(loss, list(leaves.values())))
+
+
+def test_public_op_takes_the_fused_path(monkeypatch):
+    """chunk_linear_attn(normalize=True) on bf16 CUDA inputs runs the fused normaliser; every
+    output and gradient is within the bf16 tolerance of the fp64 path, or within 1.5x the
+    error of the PyTorch composition it replaces on the same inputs. (dq is the sum of two
+    bf16 terms that nearly cancel, because o does not change when q is scaled: its error is
+    ~1.2e-2 on either path; an fp64 emulation of the roundings gives the same.)"""
+    import fla_cuda.ops.normalize_cuda as nc
+    calls = []
+    real = nc.normalize_cuda
+    monkeypatch.setattr(nc, "normalize_cuda", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = make_inputs(2, 300, 2, 64, 64, torch.bfloat16, N=2)
+    v = torch.randn(2, 300, 2, 64, device="cuda").to(torch.bfloat16)
+    h0 = torch.randn(2, 2, 64, 64, device="cuda")
+    args = {"q": x["q"], "k": x["k"], "v": v, "h0": h0, "z0": x["z0"]}
+
+    ours = _public_run(lambda t: t, args, monkeypatch)
+    assert calls, "the fused normaliser did not run"
+    n_calls = len(calls)
+    composed = _public_run(lambda t: t, args, monkeypatch, torch_path=True)
+    assert len(calls) == n_calls
+    ref = _public_run(lambda t: t.double(), args, monkeypatch)
+    for i, (r, o, c) in enumerate(zip(ref, ours, composed)):
+        assert_close(f"output {i}", r, o, max(TOL[torch.bfloat16], 1.5 * err_ratio(r, c)))
+
+
+def test_no_worse_than_fla_normalized():
+    """FLA's chunk_linear_attn(normalize=True) on the same inputs is the bar (x1.5 + a floor)."""
+    fla_ops = pytest.importorskip("fla.ops")
+    x = make_inputs(2, 1000, 4, 128, 128, torch.bfloat16, N=2)
+    v = torch.randn(2, 1000, 4, 128, device="cuda").to(torch.bfloat16)
+    inputs = {"q": x["q"], "k": x["k"], "v": v}
+    do = torch.randn(2, 1000, 4, 128, device="cuda").to(torch.bfloat16)
+
+    def run(fn, cast):
+        leaves = {n: cast(t).detach().requires_grad_() for n, t in inputs.items()}
+        o = fn(leaves["q"], leaves["k"], leaves["v"], normalize=True)[0]
+        return [o] + list(torch.autograd.grad(o, list(leaves.values()), cast(do)))
+
+    ours = run(fla_cuda.chunk_linear_attn, lambda t: t)
+    ref = run(fla_cuda.chunk_linear_attn, lambda t: t.double())
+    theirs = run(fla_ops.chunk_linear_attn, lambda t: t)
+    for name, r, o, t in zip(("o", "dq", "dk", "dv"), ref, ours, theirs):
+        e_ours, e_fla = err_ratio(r, o), err_ratio(r, t)
+        assert e_ours <= 1.5 * e_fla + 1e-6, f"{name}: ours {e_ours:.2e} vs FLA {e_fla:.2e}"
+
+
+def test_supports():
+    q = torch.randn(1, 4, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert supports(q, reverse=False)
+    assert not supports(q, reverse=True)
+    assert not supports(q.double(), reverse=False)
+    assert not supports(torch.randn(1, 4, 2, 300, device="cuda"), reverse=False)
+
+
+def test_opcheck():
+    x = make_inputs(1, 70, 2, 64, 32, torch.bfloat16, N=2)
+    cu = make_cu_seqlens([30, 40], device="cuda")
+    from fla_cuda.ops.normalize_cuda import _chunk_offsets
+    offs = _chunk_offsets(cu)
+    z0 = x["z0"].squeeze(1).contiguous()
+    torch.library.opcheck(torch.ops.fla_cuda.linear_attn_normalize_fwd.default,
+                          (x["o_raw"], x["q"], x["k"], z0, cu, offs, 0.3))
+    o, z, den, carry = torch.ops.fla_cuda.linear_attn_normalize_fwd(x["o_raw"], x["q"], x["k"], z0, cu, offs, 0.3)
+    torch.library.opcheck(torch.ops.fla_cuda.linear_attn_normalize_bwd.default,
+                          (x["o_raw"], x["q"], x["k"], den, carry, torch.randn_like(o), torch.randn_like(z),
+                           cu, offs, 0.3))
+
+
+def test_torch_compile_fullgraph():
+    x = make_inputs(2, 130, 2, 64, 64, torch.bfloat16, N=2)
+    v = torch.randn(2, 130, 2, 64, device="cuda").to(torch.bfloat16)
+
+    def f(q, k, v):
+        return fla_cuda.chunk_linear_attn(q, k, v, normalize=True)[0]
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert_close("o", f(x["q"], x["k"], v).double(), compiled(x["q"], x["k"], v), 1e-6)
