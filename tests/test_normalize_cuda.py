@@ -56,7 +56,7 @@ def test_dense(dtype, T):
         assert_close(name, r, o, TOL[dtype])
 
 
-@pytest.mark.parametrize("K,V", [(128, 128), (256, 64), (100, 48)])
+@pytest.mark.parametrize("K,V", [(128, 128), (256, 256), (100, 48), (64, 36)])  # V=36: not whole 16-byte vectors
 def test_head_dims_without_state(K, V):
     x = make_inputs(1, 200, 2, K, V, torch.bfloat16, N=1)
     for name, (r, o) in run_pair(x, K ** -0.5, None, with_z0=False).items():
@@ -139,10 +139,12 @@ def test_no_worse_than_fla_normalized():
 
 def test_supports():
     q = torch.randn(1, 4, 2, 64, device="cuda", dtype=torch.bfloat16)
-    assert supports(q, reverse=False)
-    assert not supports(q, reverse=True)
-    assert not supports(q.double(), reverse=False)
-    assert not supports(torch.randn(1, 4, 2, 300, device="cuda"), reverse=False)
+    assert supports(q, q, reverse=False)
+    assert not supports(q, q, reverse=True)
+    assert not supports(q.double(), q, reverse=False)
+    wide = torch.randn(1, 4, 2, 300, device="cuda")
+    assert not supports(wide, q, reverse=False)
+    assert not supports(q, wide, reverse=False)
 
 
 def test_opcheck():

@@ -25,7 +25,8 @@ NormalizeParams make_params(const Tensor& o_raw, const Tensor& q, const Tensor& 
   check_sizes(o_raw, "o_raw", {p.B, p.T, p.H, p.V});
   STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && o_raw.scalar_type() == q.scalar_type(),
                   "fla_cuda: q, k, o_raw must share one dtype");
-  STD_TORCH_CHECK(p.K >= 1 && p.K <= kNormThreads, "fla_cuda: the normalisation takes K <= ", kNormThreads);
+  STD_TORCH_CHECK(p.K >= 1 && p.K <= kNormThreads && p.V >= 1 && p.V <= kNormThreads,
+                  "fla_cuda: the normalisation takes K, V <= ", kNormThreads);
   p.N = static_cast<int>(check_cu_seqlens(cu_seqlens, q, p.B));
   STD_TORCH_CHECK(cu_seqlens.has_value() == chunk_offsets.has_value(),
                   "fla_cuda: chunk_offsets comes with cu_seqlens");

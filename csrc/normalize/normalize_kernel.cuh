@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "common/cuda_check.h"
 #include "normalize/normalize.h"
 
@@ -29,6 +31,41 @@ __device__ __forceinline__ float warp_sum(float x) {
   for (int off = 16; off >= 1; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
   return x;
 }
+
+// 16-byte vectors of rows of a [rows, H, V] tensor, flattened over the chunk's (token,
+// vector) pairs: vector i is token i / vpr, elements (i % vpr) * kVec.. of its row. Used when
+// V * sizeof(T) is a multiple of 16 (and the pointers are 16-byte aligned), so a thread issues
+// all the loads of a round before it uses any (one memory latency per round, not per element).
+template <typename T>
+struct RowVectors {
+  static constexpr int kVec = 16 / sizeof(T);
+  static constexpr int kPerThread = 4;  // vectors per thread per round
+  int vpr, count;
+  int64_t t0;
+
+  __device__ __forceinline__ RowVectors(const NormalizeParams& p, int64_t t0_, int nt)
+      : vpr(p.V / kVec), count(nt * (p.V / kVec)), t0(t0_) {}
+  __device__ __forceinline__ static bool usable(const NormalizeParams& p, const void* a, const void* b) {
+    return p.V % kVec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
+  }
+  __device__ __forceinline__ int index(int round, int u) const {
+    return (round * kPerThread + u) * kNormThreads + static_cast<int>(threadIdx.x);
+  }
+  __device__ __forceinline__ int64_t offset(const NormalizeParams& p, int h, int i, int& token) const {
+    token = i / vpr;
+    return ((t0 + token) * p.H + h) * p.V + static_cast<int64_t>(i - token * vpr) * kVec;
+  }
+  __device__ __forceinline__ void load(const NormalizeParams& p, const T* src, int h, int round,
+                                       uint4 (&out)[kPerThread]) const {
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int i = index(round, u);
+      int token;
+      if (i < count) out[u] = *reinterpret_cast<const uint4*>(src + offset(p, h, i, token));
+    }
+  }
+  __device__ __forceinline__ int rounds() const { return (count + kPerThread * kNormThreads - 1) / (kPerThread * kNormThreads); }
+};
 
 // The tokens [t0, t1) of a chunk (rows of the packed [B*T] axis) and its sequence.
 struct Span {
@@ -155,6 +192,14 @@ __global__ void __launch_bounds__(kThreads) normalize_fwd_kernel(const Normalize
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
 
+  const T* o_raw = static_cast<const T*>(p.o_raw);
+  T* o = static_cast<T*>(p.o);
+  using RV = RowVectors<T>;
+  const RV rv(p, s.t0, nt);
+  const bool vec = RV::usable(p, o_raw, o);
+  uint4 ov[RV::kPerThread];
+  if (vec) rv.load(p, o_raw, h, 0, ov);  // in flight during the key walk
+
   float c = e_ok ? p.k_carry[(static_cast<int64_t>(blockIdx.x) * p.H + h) * p.K + e] : 0.f;
   for (int j0 = 0; j0 < nt; j0 += kUnroll) {
     float qv[kUnroll], kv[kUnroll];
@@ -177,8 +222,23 @@ __global__ void __launch_bounds__(kThreads) normalize_fwd_kernel(const Normalize
     p.den[(s.t0 + e) * p.H + h] = den;
   }
   __syncthreads();
-  const T* o_raw = static_cast<const T*>(p.o_raw);
-  T* o = static_cast<T*>(p.o);
+  if (vec) {
+    for (int round = 0; round < rv.rounds(); ++round) {
+      if (round > 0) rv.load(p, o_raw, h, round, ov);
+#pragma unroll
+      for (int u = 0; u < RV::kPerThread; ++u) {
+        const int i = rv.index(round, u);
+        if (i >= rv.count) break;
+        int j;
+        const int64_t off = rv.offset(p, h, i, j);
+        T* x = reinterpret_cast<T*>(&ov[u]);
+#pragma unroll
+        for (int m = 0; m < RV::kVec; ++m) x[m] = from_float<T>(to_float(x[m]) / s_den[j]);
+        *reinterpret_cast<uint4*>(o + off) = ov[u];
+      }
+    }
+    return;
+  }
   for (int i = e; i < nt * p.V; i += kThreads) {
     const int j = i / p.V;
     const int64_t off = ((s.t0 + j) * p.H + h) * p.V + (i - j * p.V);
@@ -193,7 +253,10 @@ __global__ void __launch_bounds__(kThreads) normalize_fwd_kernel(const Normalize
 // w_t q_t per channel.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const NormalizeParams p) {
+  using RV = RowVectors<T>;
   __shared__ float s_w[C];
+  __shared__ float s_den[C];
+  __shared__ float s_part[C][kNormThreads / RV::kVec];  // per-vector partials of <do_t, o_raw_t>
   const Span s = chunk_span(p, blockIdx.x);
   if (!s.ok) return;
   const int h = blockIdx.y, e = threadIdx.x, lane = e & 31, warp = e >> 5;
@@ -201,20 +264,61 @@ __global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const Norm
   const T* dout = static_cast<const T*>(p.dout);
   const T* o_raw = static_cast<const T*>(p.o_raw);
   T* do_raw = static_cast<T*>(p.do_raw);
-  for (int j = warp; j < nt; j += kWarps) {
-    const int64_t row = (s.t0 + j) * p.H + h;
-    const float den = p.den[row];
-    float dot = 0.f;
-    for (int v = lane; v < p.V; v += 32) {
-      const float d = to_float(dout[row * p.V + v]);
-      dot += d * to_float(o_raw[row * p.V + v]);
-      do_raw[row * p.V + v] = from_float<T>(d / den);
+  const RV rv(p, s.t0, nt);
+  if (RV::usable(p, dout, o_raw) && RV::usable(p, do_raw, o_raw)) {
+    uint4 dv[RV::kPerThread], ov[RV::kPerThread];
+    rv.load(p, dout, h, 0, dv);
+    rv.load(p, o_raw, h, 0, ov);
+    if (e < nt) s_den[e] = p.den[(s.t0 + e) * p.H + h];
+    __syncthreads();
+    for (int round = 0; round < rv.rounds(); ++round) {
+      if (round > 0) {
+        rv.load(p, dout, h, round, dv);
+        rv.load(p, o_raw, h, round, ov);
+      }
+#pragma unroll
+      for (int u = 0; u < RV::kPerThread; ++u) {
+        const int i = rv.index(round, u);
+        if (i >= rv.count) break;
+        int j;
+        const int64_t off = rv.offset(p, h, i, j);
+        T* d = reinterpret_cast<T*>(&dv[u]);
+        const T* x = reinterpret_cast<const T*>(&ov[u]);
+        float dot = 0.f;
+#pragma unroll
+        for (int m = 0; m < RV::kVec; ++m) {
+          const float dm = to_float(d[m]);
+          dot += dm * to_float(x[m]);
+          d[m] = from_float<T>(dm / s_den[j]);
+        }
+        *reinterpret_cast<uint4*>(do_raw + off) = dv[u];
+        s_part[j][i - j * rv.vpr] = dot;
+      }
     }
-    dot = warp_sum(dot);
-    if (lane == 0) {
-      const float w = -p.scale * dot / (den * den);
-      s_w[j] = w;
-      p.w[row] = w;
+    __syncthreads();
+    if (e < nt) {
+      float dot = 0.f;
+      for (int cv = 0; cv < rv.vpr; ++cv) dot += s_part[e][cv];  // fixed order
+      const float w = -p.scale * dot / (s_den[e] * s_den[e]);
+      s_w[e] = w;
+      p.w[(s.t0 + e) * p.H + h] = w;
+    }
+  } else {
+    for (int j = warp; j < nt; j += kWarps) {
+      const int64_t row = (s.t0 + j) * p.H + h;
+      const float den = p.den[row];
+      float dot = 0.f;
+      for (int v = lane; v < p.V; v += 32) {
+        const float d = to_float(dout[row * p.V + v]);
+        dot += d * to_float(o_raw[row * p.V + v]);
+        do_raw[row * p.V + v] = from_float<T>(d / den);
+      }
+      dot = warp_sum(dot);
+      if (lane == 0) {
+        const float w = -p.scale * dot / (den * den);
+        s_w[j] = w;
+        p.w[row] = w;
+      }
     }
   }
   __syncthreads();

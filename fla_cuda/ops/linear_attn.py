@@ -79,7 +79,7 @@ def _linear_attn(op, q, k, v, scale, initial_state, output_final_state, normaliz
         H, K = q.shape[2], q.shape[3]
         check_optional("initial_state[1] (z_state)", z_init, (N, 1, H, K), q.device, FLOAT_DTYPES)
     # the fused normaliser reads o in q's dtype (as FLA's does); the composition wants fp32
-    fused_norm = normalize and normalize_cuda.supports(q, reverse)
+    fused_norm = normalize and normalize_cuda.supports(q, v, reverse)
     o, ht = run_simple_gla(op, q, k, v, None, None, scale, kv_init, output_final_state, reverse=reverse,
                            cu_seqlens=cu_seqlens, recurrent=recurrent,
                            o_dtype=compute_dtype(q) if normalize and not fused_norm else None)

@@ -15,7 +15,7 @@ import torch
 from .. import _extension, backend
 
 CHUNK = 64          # tokens per scan chunk (kNormChunk in csrc/normalize/normalize.h)
-MAX_K = 256         # one key channel per thread (kNormThreads)
+MAX_DIM = 256       # K, V <= kNormThreads (one key channel per thread)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -31,9 +31,9 @@ def _chunk_offsets(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def supports(q: torch.Tensor, reverse: bool) -> bool:
+def supports(q: torch.Tensor, v: torch.Tensor, reverse: bool) -> bool:
     """Whether the fused normalisation runs for these inputs (else the PyTorch composition)."""
-    return (q.is_cuda and not reverse and q.dtype in DTYPES and q.shape[-1] <= MAX_K
+    return (q.is_cuda and not reverse and q.dtype in DTYPES and q.shape[-1] <= MAX_DIM and v.shape[-1] <= MAX_DIM
             and not backend.forced_torch() and _extension.HAS_EXTENSION
             and hasattr(torch.ops.fla_cuda, "linear_attn_normalize_fwd")
             and _extension.cuda_arch_supported(q.device))
