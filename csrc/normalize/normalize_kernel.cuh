@@ -110,12 +110,20 @@ __device__ __forceinline__ void seq_chunks(const NormalizeParams& p, int n, int6
 }
 
 // One thread's channel e of a [rows, H, K] tensor at rows t0 + j, j < nt (zeros past nt).
+// (A whole group takes the unguarded branch: a guard per element compiled to a branch and
+// 64-bit index math around every load, which made the forward pass instruction-bound.)
 template <typename T>
 __device__ __forceinline__ void load_channel(const T* x, int64_t t0, int j0, int nt, int h, int e,
                                              const NormalizeParams& p, float (&out)[kUnroll]) {
+  const int64_t stride = static_cast<int64_t>(p.H) * p.K;
+  const T* src = x + ((t0 + j0) * p.H + h) * p.K + e;
+  if (j0 + kUnroll <= nt) {
 #pragma unroll
-  for (int j = 0; j < kUnroll; ++j)
-    out[j] = j0 + j < nt ? to_float(x[((t0 + j0 + j) * p.H + h) * p.K + e]) : 0.f;
+    for (int j = 0; j < kUnroll; ++j) out[j] = to_float(src[j * stride]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) out[j] = j0 + j < nt ? to_float(src[j * stride]) : 0.f;
+  }
 }
 
 // Sum of channel e of x over the chunk's tokens (scaled per token by w when given).
