@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/convert.cuh"
 #include "common/cuda_check.h"
 #include "recurrent/recurrent.h"
 
@@ -32,17 +33,6 @@ namespace recurrent {
 constexpr int BV = kRecurrentBV;
 constexpr int CKPT = kRecurrentCkpt;
 constexpr int kDecodeStages = 3;  // decode kernel: tiles in flight + 1
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 template <int KMAX>
 struct Layout {
