@@ -219,3 +219,27 @@ def test_bad_varlen():
                           cu_seqlens=torch.tensor([0, 2, 5, 8]))
     with pytest.raises(TypeError, match="reverse"):
         fused_recurrent_linear_attn(inp["q"], inp["k"], inp["v"], reverse=None)
+
+
+def test_fused_normaliser_plumbing_on_cpu():
+    """The fused normaliser's host-side pieces: it is never chosen for CPU tensors, the chunk
+    offsets of packed sequences, and its fake (meta) shapes, which torch.compile traces."""
+    from fla_cuda import _extension
+    from fla_cuda.ops import normalize_cuda as nc
+    q = torch.randn(1, 8, 2, 4)
+    assert not nc.supports(q, q, reverse=False)
+    cu = torch.tensor([0, 1, 65, 65, 195])
+    assert nc._chunk_offsets(cu).tolist() == [0, 1, 2, 2, 5]
+    if not (_extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "linear_attn_normalize_fwd")):
+        pytest.skip("extension not built")
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    o_raw, qm = torch.empty(1, 195, 3, 32, **meta), torch.empty(1, 195, 3, 16, **meta)
+    offs = nc._chunk_offsets(cu).to("meta")
+    o, z, den, carry = torch.ops.fla_cuda.linear_attn_normalize_fwd(o_raw, qm, qm, None, cu.to("meta"), offs, 0.5)
+    assert o.shape == o_raw.shape and o.dtype == torch.bfloat16
+    assert z.shape == (4, 3, 16) and den.shape == (1, 195, 3)
+    assert carry.shape == (4 + 4, 3, 16)   # a bound: ceil(195 / 64) + N chunks
+    dense = torch.ops.fla_cuda.linear_attn_normalize_fwd(torch.empty(2, 130, 3, 32, **meta),
+                                                         torch.empty(2, 130, 3, 16, **meta),
+                                                         torch.empty(2, 130, 3, 16, **meta), None, None, None, 1.0)
+    assert dense[3].shape == (2 * 3, 3, 16)
