@@ -117,19 +117,6 @@ __device__ __forceinline__ void load_channel(const T* x, int64_t t0, int j0, int
   }
 }
 
-// x[j] -> dst[j * stride] for j < left (a whole group unguarded, as load_channel).
-template <typename T>
-__device__ __forceinline__ void store_channel(T* dst, int64_t stride, int left, const float (&x)[kUnroll]) {
-  if (left >= kUnroll) {
-#pragma unroll
-    for (int j = 0; j < kUnroll; ++j) dst[j * stride] = from_float<T>(x[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kUnroll; ++j)
-      if (j < left) dst[j * stride] = from_float<T>(x[j]);
-  }
-}
-
 // Sum of channel e of x over the chunk's tokens (scaled per token by w when given).
 template <typename T>
 __device__ __forceinline__ float chunk_total(const T* x, const float* w, const Span& s, int h, int e,
@@ -340,46 +327,43 @@ __global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const Norm
 }
 
 // dq_t = w_t c_t walking forward from the key carry; dk_t = the running sum of w q walking
-// back from the reverse carry. w of the chunk is staged once (zeros past its last token, so
-// a partial group adds nothing).
+// back from the reverse carry.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) normalize_bwd_grads_kernel(const NormalizeParams p) {
-  __shared__ float s_w[C];
   const Span s = chunk_span(p, blockIdx.x);
-  if (!s.ok) return;
   const int h = blockIdx.y, e = threadIdx.x;
+  if (!s.ok || e >= p.K) return;
   const int nt = static_cast<int>(s.t1 - s.t0);
-  if (e < C) s_w[e] = e < nt ? p.w[(s.t0 + e) * p.H + h] : 0.f;
-  __syncthreads();
-  if (e >= p.K) return;
   const int64_t carry = (static_cast<int64_t>(blockIdx.x) * p.H + h) * p.K + e;
-  const int64_t first = (s.t0 * p.H + h) * p.K + e, stride = static_cast<int64_t>(p.H) * p.K;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
-  T* dq = static_cast<T*>(p.dq) + first;
-  T* dk = static_cast<T*>(p.dk) + first;
+  T* dq = static_cast<T*>(p.dq);
+  T* dk = static_cast<T*>(p.dk);
 
   float c = p.k_carry[carry];
   for (int j0 = 0; j0 < nt; j0 += kUnroll) {
-    float x[kUnroll];
-    load_channel(k, s.t0, j0, nt, h, e, p, x);
+    float kv[kUnroll];
+    load_channel(k, s.t0, j0, nt, h, e, p, kv);
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
-      c += x[j];
-      x[j] = s_w[j0 + j] * c;
+      c += kv[j];
+      if (j0 + j < nt) dq[((s.t0 + j0 + j) * p.H + h) * p.K + e] = from_float<T>(p.w[(s.t0 + j0 + j) * p.H + h] * c);
     }
-    store_channel(dq + j0 * stride, stride, nt - j0, x);
   }
   float r = p.q_carry[carry];
-  for (int j0 = (nt - 1) / kUnroll * kUnroll; j0 >= 0; j0 -= kUnroll) {
-    float x[kUnroll];
-    load_channel(q, s.t0, j0, nt, h, e, p, x);
+  const int groups = (nt + kUnroll - 1) / kUnroll;
+  for (int g = groups - 1; g >= 0; --g) {
+    const int j0 = g * kUnroll;
+    float qv[kUnroll];
+    load_channel(q, s.t0, j0, nt, h, e, p, qv);
 #pragma unroll
     for (int j = kUnroll - 1; j >= 0; --j) {
-      r += s_w[j0 + j] * x[j];
-      x[j] = r;
+      if (j0 + j < nt) {
+        const int64_t row = (s.t0 + j0 + j) * p.H + h;
+        r += p.w[row] * qv[j];
+        dk[row * p.K + e] = from_float<T>(r);
+      }
     }
-    store_channel(dk + j0 * stride, stride, nt - j0, x);
   }
 }
 
