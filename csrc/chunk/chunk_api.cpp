@@ -61,16 +61,6 @@ ChunkParams pass_params(const Tensor& q, const Tensor& k, const Tensor& v, Tenso
   return p;
 }
 
-int sm_count(const Tensor& like) {
-  static int cached[64] = {};
-  const int dev = like.get_device();
-  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
-  int count = 0;
-  FLA_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
-  if (dev >= 0 && dev < 64) cached[dev] = count;
-  return count;
-}
-
 void launch_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) {
   FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
     if constexpr (std::is_same_v<Elem, float>) {
@@ -95,7 +85,7 @@ int64_t value_tiles(int64_t dk, int64_t dv) { return dv / chunk_value_tile(stati
 void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
   const int64_t blocks = value_tiles(p.DK, p.DV) * p.H * p.N;
   const int64_t chunks = (int64_t(p.T) + kChunk - 1) / kChunk;
-  const int64_t sms = sm_count(like);
+  const int64_t sms = sm_count(like.get_device());
   int64_t segs = 1;
   if (p.cu_seqlens == nullptr && blocks > 0 && blocks < sms)
     segs = std::min(2 * sms / blocks, chunks / 2);

@@ -16,6 +16,17 @@ inline void cuda_check(cudaError_t err, const char* what, const char* file, int 
   }
 }
 
+// Streaming multiprocessors of a device (queried once per device).
+inline int sm_count(int device) {
+  static int cached[64] = {};
+  if (device >= 0 && device < 64 && cached[device] > 0) return cached[device];
+  int count = 0;
+  cuda_check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute(MultiProcessorCount)", __FILE__, __LINE__);
+  if (device >= 0 && device < 64) cached[device] = count;
+  return count;
+}
+
 }  // namespace fla
 
 #define FLA_CUDA_CHECK(expr) ::fla::cuda_check((expr), #expr, __FILE__, __LINE__)

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "common/convert.cuh"
+#include "common/device.cuh"
 #include "common/cuda_check.h"
 #include "normalize/normalize.h"
 
@@ -16,12 +16,6 @@ namespace normalize {
 constexpr int C = kNormChunk, kThreads = kNormThreads, kWarps = kThreads / 32;
 constexpr int kUnroll = 8;  // tokens loaded ahead per thread
 static_assert(C % kUnroll == 0, "whole load groups per chunk");
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
 
 // 16-byte vectors of rows of a [rows, H, V] tensor, flattened over the chunk's (token,
 // vector) pairs: vector i is token i / vpr, elements (i % vpr) * kVec.. of its row. Used when

@@ -23,7 +23,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "common/convert.cuh"
+#include "common/device.cuh"
 #include "common/cuda_check.h"
 #include "recurrent/recurrent.h"
 
@@ -41,8 +41,8 @@ struct Layout {
   static constexpr int kWarps = KMAX <= 64 ? 4 : 8;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kFwdMinBlocks = KMAX <= 128 ? 1024 / kThreads : 2;
-  // The decode kernel holds two tiles' inputs: 3/4 of the blocks, <= 80 registers, no spills
-  // (two tiles in flight per block still keep 96 KB per SM in flight).
+  // The decode kernel holds two tiles' inputs: 3/4 of the blocks, <= 80 registers (at 64 it
+  // spilled 76 bytes; at 80, 16-52). Two tiles in flight per block keep 96 KB per SM in flight.
   static constexpr int kDecodeMinBlocks = kFwdMinBlocks * 3 / 4;
   static constexpr int kRows = KMAX / kWarps;  // state rows per thread: warp * kRows + i
   static_assert(kRows == 16 || kRows == 32, "reduce-scatter handles 16 or 32 rows per thread");
@@ -183,12 +183,6 @@ __device__ __forceinline__ void write_rows(float* dst, float (&x)[R], int64_t t,
   const float sum = row_sums<R>(x);
   const int r = warp * R + lane % R;
   if (lane < R && r < p.K) dst[((c.vt * BT + t) * p.HV + c.hv) * p.K + r] = sum;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
 }
 
 // In-kernel l2norm of the staged q and k (FLA's use_qk_l2norm_in_kernel): block sums of
@@ -361,7 +355,8 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kFwdMinB
 // ---------------------------------------------------------------------------------------
 // Decode step: every sequence is one token (dense T == 1, no checkpoints). In the walk
 // kernel above a block's life is then load -> compute -> store, and while it computes it
-// has nothing in flight, so 4 resident blocks per SM kept DRAM at 55-80% of copy speed.
+// has nothing in flight: with 4 resident blocks per SM it took 0.054-0.070 ms (1.2-1.6x the
+// memory floor, H100), the families with more compute per step the slowest.
 // Here persistent blocks loop over tiles with a 3-stage pipeline: the initial state of the
 // tile two ahead is copied into shared memory (cp.async) and its inputs into one of two
 // register sets while the current tile computes, so each load has two tiles' time to land.
@@ -606,38 +601,30 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
   if (p.dh0) store_state<KMAX>(p.dh0 + state_off, ds, p, c);
 }
 
-// Resident blocks of `kernel` on the current device, all SMs together (cached per device).
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, int threads, int dynamic_smem) {
-  static int64_t cached[64] = {};
-  int dev = 0;
-  FLA_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
-  int sms = 0, per_sm = 0;
-  FLA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  FLA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, dynamic_smem));
-  const int64_t total = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
-  if (dev >= 0 && dev < 64) cached[dev] = total;
-  return total;
-}
-
 template <typename T, int KMAX>
 void launch_recurrent_fwd(const RecurrentParams& p, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
   if (blocks == 0) return;
-  if constexpr (KMAX <= 128) {  // (larger K: two 32 KB state buffers would need dynamic shared memory)
+  if constexpr (KMAX <= 128) {  // (K = 256, three 32 KB stages per block, was not measured)
     const bool decode = p.T == 1 && !p.cu_seqlens && !p.checkpoints && p.V % 4 == 0 &&
                         reinterpret_cast<uintptr_t>(p.h0) % 16 == 0;
     if (decode) {
       const auto kernel = recurrent_decode_kernel<T, KMAX>;
       constexpr int smem = kDecodeStages * KMAX * BV * sizeof(float);
-      static bool attr_set = false;  // (per instantiation; the attribute is per function)
-      if (!attr_set) {
+      // Once per device and instantiation: the shared-memory attribute, then every resident
+      // block as the grid (fewer measured slower: 342 and 264 blocks against 396).
+      static int64_t resident[64] = {};
+      int dev = 0;
+      FLA_CUDA_CHECK(cudaGetDevice(&dev));
+      int64_t grid_cap = dev >= 0 && dev < 64 ? resident[dev] : 0;
+      if (grid_cap == 0) {
         FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        attr_set = true;
+        int per_sm = 0;
+        FLA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Layout<KMAX>::kThreads, smem));
+        grid_cap = static_cast<int64_t>(sm_count(dev)) * std::max(per_sm, 1);
+        if (dev >= 0 && dev < 64) resident[dev] = grid_cap;
       }
-      // every resident block (fewer measured slower: 342 and 264 blocks against 396)
-      const int64_t grid = std::min(blocks, resident_blocks(kernel, Layout<KMAX>::kThreads, smem));
+      const int64_t grid = std::min(blocks, grid_cap);
       kernel<<<static_cast<unsigned>(grid), Layout<KMAX>::kThreads, smem, stream>>>(p);
       FLA_CHECK_LAUNCH();
       return;
