@@ -111,7 +111,21 @@ __device__ __forceinline__ void load_channel(const T* x, int64_t t0, int j0, int
   }
 }
 
-// Sum of channel e of x over the chunk's tokens (scaled per token by w when given).
+// x[j] -> dst[j * stride] for j < left (a whole group unguarded, as load_channel).
+template <typename T>
+__device__ __forceinline__ void store_channel(T* dst, int64_t stride, int left, const float (&x)[kUnroll]) {
+  if (left >= kUnroll) {
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) dst[j * stride] = from_float<T>(x[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j)
+      if (j < left) dst[j * stride] = from_float<T>(x[j]);
+  }
+}
+
+// Sum of channel e of x over the chunk's tokens (scaled per token by w when given; w must
+// hold zeros, not garbage, past the chunk's last token: 0 * NaN would not vanish).
 template <typename T>
 __device__ __forceinline__ float chunk_total(const T* x, const float* w, const Span& s, int h, int e,
                                             const NormalizeParams& p) {
@@ -121,8 +135,7 @@ __device__ __forceinline__ float chunk_total(const T* x, const float* w, const S
     float xv[kUnroll];
     load_channel(x, s.t0, j0, nt, h, e, p, xv);
 #pragma unroll
-    for (int j = 0; j < kUnroll; ++j)
-      if (j0 + j < nt) acc += (w ? w[j0 + j] : 1.f) * xv[j];
+    for (int j = 0; j < kUnroll; ++j) acc += (w ? w[j0 + j] : 1.f) * xv[j];  // (zeros past nt)
   }
   return acc;
 }
@@ -258,6 +271,7 @@ __global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const Norm
   const T* o_raw = static_cast<const T*>(p.o_raw);
   T* do_raw = static_cast<T*>(p.do_raw);
   const RV rv(p, s.t0, nt);
+  if (e >= nt && e < C) s_w[e] = 0.f;  // (read by chunk_total after the barrier below)
   if (RV::usable(p, dout, o_raw) && RV::usable(p, do_raw, o_raw)) {
     uint4 dv[RV::kPerThread], ov[RV::kPerThread];
     rv.load(p, dout, h, 0, dv);
@@ -321,43 +335,46 @@ __global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const Norm
 }
 
 // dq_t = w_t c_t walking forward from the key carry; dk_t = the running sum of w q walking
-// back from the reverse carry.
+// back from the reverse carry. w of the chunk is staged once (zeros past its last token, so
+// a partial group adds nothing).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) normalize_bwd_grads_kernel(const NormalizeParams p) {
+  __shared__ float s_w[C];
   const Span s = chunk_span(p, blockIdx.x);
+  if (!s.ok) return;
   const int h = blockIdx.y, e = threadIdx.x;
-  if (!s.ok || e >= p.K) return;
   const int nt = static_cast<int>(s.t1 - s.t0);
+  if (e < C) s_w[e] = e < nt ? p.w[(s.t0 + e) * p.H + h] : 0.f;
+  __syncthreads();
+  if (e >= p.K) return;
   const int64_t carry = (static_cast<int64_t>(blockIdx.x) * p.H + h) * p.K + e;
+  const int64_t first = (s.t0 * p.H + h) * p.K + e, stride = static_cast<int64_t>(p.H) * p.K;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
-  T* dq = static_cast<T*>(p.dq);
-  T* dk = static_cast<T*>(p.dk);
+  T* dq = static_cast<T*>(p.dq) + first;
+  T* dk = static_cast<T*>(p.dk) + first;
 
   float c = p.k_carry[carry];
   for (int j0 = 0; j0 < nt; j0 += kUnroll) {
-    float kv[kUnroll];
-    load_channel(k, s.t0, j0, nt, h, e, p, kv);
+    float x[kUnroll];
+    load_channel(k, s.t0, j0, nt, h, e, p, x);
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
-      c += kv[j];
-      if (j0 + j < nt) dq[((s.t0 + j0 + j) * p.H + h) * p.K + e] = from_float<T>(p.w[(s.t0 + j0 + j) * p.H + h] * c);
+      c += x[j];
+      x[j] = s_w[j0 + j] * c;
     }
+    store_channel(dq + j0 * stride, stride, nt - j0, x);
   }
   float r = p.q_carry[carry];
-  const int groups = (nt + kUnroll - 1) / kUnroll;
-  for (int g = groups - 1; g >= 0; --g) {
-    const int j0 = g * kUnroll;
-    float qv[kUnroll];
-    load_channel(q, s.t0, j0, nt, h, e, p, qv);
+  for (int j0 = (nt - 1) / kUnroll * kUnroll; j0 >= 0; j0 -= kUnroll) {
+    float x[kUnroll];
+    load_channel(q, s.t0, j0, nt, h, e, p, x);
 #pragma unroll
     for (int j = kUnroll - 1; j >= 0; --j) {
-      if (j0 + j < nt) {
-        const int64_t row = (s.t0 + j0 + j) * p.H + h;
-        r += p.w[row] * qv[j];
-        dk[row * p.K + e] = from_float<T>(r);
-      }
+      r += s_w[j0 + j] * x[j];
+      x[j] = r;
     }
+    store_channel(dk + j0 * stride, stride, nt - j0, x);
   }
 }
 
