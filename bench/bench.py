@@ -476,10 +476,13 @@ def resolve_fla(name: str):
     return (fn, None) if fn is not None else (None, f"fla.ops has no {name}")
 
 
-def backend_of(name: str, q: torch.Tensor, K: int, V: int):
+def backend_of(name: str, q: torch.Tensor, K: int, V: int, mode: str = "fwd"):
+    """What ran our side: "cuda", "torch", or "cuda fwd + torch bwd" (a kernel without a backward)."""
     try:
         from fla_cuda import backend
-        return "cuda" if backend.use_cuda(name, q, K, V) else "torch"
+        if not backend.use_cuda(name, q, K, V):
+            return "torch"
+        return "cuda" if mode != "fwdbwd" or backend.OPS[name].backward else "cuda fwd + torch bwd"
     except KeyError:
         return "torch"
     except Exception:  # noqa: BLE001
@@ -943,7 +946,7 @@ class Runner:
         if fn is None:
             notes.append(why)
         else:
-            row["backend"] = backend_of(op.name, sets[0]["q"], K, V)
+            row["backend"] = backend_of(op.name, sets[0]["q"], K, V, mode)
             r = self.measure("ours", lambda s: make_call(fn, op, mode, s, do), sets)
             row.update(ms=r["ms"], first_call_s=r["first_call_s"], peak_mb=r["peak_mb"])
             if r["error"]:

@@ -24,6 +24,9 @@ STABLE_TORCH_LIBRARY(fla_cuda, m) {
       "Tensor? cu_seqlens, Tensor do, Tensor? dht, float scale, bool need_dg, bool need_dh0) -> "
       "(Tensor dq, Tensor dk, Tensor dv, Tensor dq_dots, Tensor dk_dots, Tensor dh0)");
   m.def(
+      "chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
+      "Tensor? chunk_offsets, float scale, bool output_final_state) -> (Tensor o, Tensor ht)");
+  m.def(
       "linear_attn_normalize_fwd(Tensor o_raw, Tensor q, Tensor k, Tensor? z0, Tensor? cu_seqlens, "
       "Tensor? chunk_offsets, float scale) -> (Tensor o, Tensor z_final, Tensor den, Tensor k_carry)");
   m.def(
@@ -37,6 +40,7 @@ STABLE_TORCH_LIBRARY_IMPL(fla_cuda, CUDA, m) {
   m.impl("recurrent_bwd", TORCH_BOX(&fla::recurrent_bwd));
   m.impl("chunk_simple_gla_fwd", TORCH_BOX(&fla::chunk_simple_gla_fwd));
   m.impl("chunk_simple_gla_bwd", TORCH_BOX(&fla::chunk_simple_gla_bwd));
+  m.impl("chunk_gla_fwd", TORCH_BOX(&fla::chunk_gla_fwd));
   m.impl("linear_attn_normalize_fwd", TORCH_BOX(&fla::linear_attn_normalize_fwd));
   m.impl("linear_attn_normalize_bwd", TORCH_BOX(&fla::linear_attn_normalize_bwd));
 }

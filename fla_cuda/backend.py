@@ -23,11 +23,14 @@ class KernelSpec:
     dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32)
     max_head_dim: int = 256
     head_dims: tuple | None = None   # the only head dims the kernel takes (None: any up to max)
+    backward: bool = True            # False: the gradient is still the PyTorch path's
 
 
 _RECURRENT = KernelSpec("recurrent_fwd")
 _CHUNK_SCALAR_GATE = KernelSpec("chunk_simple_gla_fwd", dtypes=(torch.float16, torch.bfloat16),
                                 head_dims=(64, 128, 256))
+_CHUNK_GLA = KernelSpec("chunk_gla_fwd", dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128, 256),
+                        backward=False)
 
 # Every public op of the library, in the order `python -m fla_cuda info` lists them,
 # mapped to its CUDA kernel (None: PyTorch path only, the kernel has not landed yet).
@@ -43,7 +46,7 @@ OPS: dict[str, KernelSpec | None] = {
     "fused_chunk_retention": _CHUNK_SCALAR_GATE,
     "parallel_retention": _CHUNK_SCALAR_GATE,
     "fused_recurrent_retention": _RECURRENT,
-    "chunk_gla": None,
+    "chunk_gla": _CHUNK_GLA,
     "fused_recurrent_gla": _RECURRENT,
     "chunk_delta_rule": None,
     "fused_recurrent_delta_rule": _RECURRENT,
@@ -106,7 +109,7 @@ def describe(device: torch.device | str) -> dict[str, str]:
     for op, spec in OPS.items():
         if device.type == "cuda" and not forced_torch() and kernel_available(op) \
                 and _extension.cuda_arch_supported(device):
-            out[op] = "cuda kernel"
+            out[op] = "cuda kernel" if spec.backward else "cuda kernel (forward; backward: pytorch)"
         elif device.type == "cuda" and spec is not None and kernel_available(op):
             out[op] = "pytorch (no machine code for this GPU)" if not forced_torch() else "pytorch (forced)"
         else:

@@ -357,3 +357,16 @@ def test_no_silent_cpu_benchmark():
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--update-results"])
     assert bench.parse_args(["--dry-run"]).device == "cpu"
+
+
+def test_backend_of_names_a_forward_only_kernel(monkeypatch):
+    """A row whose op has a forward kernel but a PyTorch backward says so in fwdbwd mode."""
+    from fla_cuda import backend
+    monkeypatch.setattr(backend, "use_cuda", lambda *a, **k: True)
+    q = torch.zeros(1)
+    assert not backend.OPS["chunk_gla"].backward
+    assert bench.backend_of("chunk_gla", q, 64, 64, "fwd") == "cuda"
+    assert bench.backend_of("chunk_gla", q, 64, 64, "fwdbwd") == "cuda fwd + torch bwd"
+    assert bench.backend_of("chunk_simple_gla", q, 64, 64, "fwdbwd") == "cuda"
+    monkeypatch.setattr(backend, "use_cuda", lambda *a, **k: False)
+    assert bench.backend_of("chunk_gla", q, 64, 64, "fwdbwd") == "torch"

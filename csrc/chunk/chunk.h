@@ -61,6 +61,12 @@ struct ChunkParams {
   bool state_only;           // the first launch of a split walk
   float* seg_states;
   float* seg_gates;
+  // GLA mode (run_chunk_pass<..., true>): q and k arrive gated (q exp(G), k exp(G_last - G),
+  // from gla_intra), the intra-chunk scores are read from A instead of computed, and the
+  // state decays per key row by key_decay. No gates, segments, reverse or dots.
+  const void* A;               // [B*T, H, C] input dtype
+  const float* key_decay;      // [chunk slots, H, DK] exp(G_last) of each chunk
+  const int64_t* chunk_offsets;   // [N + 1] first slot of each sequence (with cu_seqlens)
 };
 
 // Value columns per thread block: the state tile [DK, BV] stays in registers. 32 for
@@ -70,7 +76,7 @@ __host__ __device__
 #endif
 constexpr int chunk_value_tile(int DK) { return DK >= 128 ? 32 : 64; }
 
-template <typename Elem, int DK>
+template <typename Elem, int DK, bool kGla = false>
 void run_chunk_pass(const ChunkParams& p, cudaStream_t stream);
 
 }  // namespace fla

@@ -3,6 +3,7 @@
 #include "chunk/chunk_api.h"
 
 #include "chunk/chunk.h"
+#include "chunk/gla.h"
 #include "common/cuda_check.h"
 
 #include <algorithm>
@@ -193,6 +194,76 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
   pv.ht = need_dh0 ? static_cast<float*>(dh0.data_ptr()) : nullptr;
   run_pass(pv, q, stream);
   return {dq, dk, dv, dq_dots, dk_dots, dh0};
+}
+
+// GLA: gla_intra (gated q, k, scores, key decays), then the pass in GLA mode (gla.h).
+std::tuple<Tensor, Tensor> chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0,
+                                         std::optional<Tensor> cu_seqlens, std::optional<Tensor> chunk_offsets,
+                                         double scale, bool output_final_state) {
+  const Dims d = check_inputs(q, k, v, std::nullopt, std::nullopt, cu_seqlens);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device());
+  check_cuda_tensor(g, "g", q);
+  check_sizes(g, "g", {d.B, d.T, d.H, d.K});
+  STD_TORCH_CHECK(g.scalar_type() == ScalarType::Float || g.scalar_type() == q.scalar_type(),
+                  "fla_cuda: g must be float32 or q's dtype");
+  STD_TORCH_CHECK(cu_seqlens.has_value() == chunk_offsets.has_value(), "fla_cuda: chunk_offsets comes with cu_seqlens");
+  if (chunk_offsets.has_value()) {
+    check_cuda_tensor(*chunk_offsets, "chunk_offsets", q);
+    STD_TORCH_CHECK(chunk_offsets->scalar_type() == ScalarType::Long, "fla_cuda: chunk_offsets must be int64");
+    check_sizes(*chunk_offsets, "chunk_offsets", {d.N + 1});
+  }
+  const int64_t chunks = (d.T + kChunk - 1) / kChunk;
+  // packed: sum_n ceil(len_n / C) <= ceil(T / C) + N slots; blocks past the last chunk exit
+  const int64_t slots = cu_seqlens.has_value() ? chunks + d.N : d.B * chunks;
+  Tensor q_gated = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
+  Tensor k_gated = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
+  Tensor A = torch::stable::new_empty(q, {d.B, d.T, d.H, int64_t(kChunk)});
+  Tensor key_decay = empty_f32(q, {slots, d.H, d.K});
+  Tensor o = torch::stable::new_empty(q, {d.B, d.T, d.H, d.V});
+  Tensor ht = output_final_state ? empty_f32(q, {d.N, d.H, d.K, d.V}) : nothing(q);
+  const int64_t* offsets = chunk_offsets.has_value() ? static_cast<const int64_t*>(chunk_offsets->data_ptr()) : nullptr;
+
+  GlaIntraParams ip{};
+  ip.q = q.data_ptr();
+  ip.k = k.data_ptr();
+  ip.g = g.data_ptr();
+  ip.g_fp32 = g.scalar_type() == ScalarType::Float;
+  ip.q_gated = q_gated.data_ptr();
+  ip.k_gated = k_gated.data_ptr();
+  ip.A = A.data_ptr();
+  ip.key_decay = static_cast<float*>(key_decay.data_ptr());
+  ip.cu_seqlens = cu_seqlens.has_value() ? static_cast<const int64_t*>(cu_seqlens->data_ptr()) : nullptr;
+  ip.chunk_offsets = offsets;
+  ip.B = static_cast<int>(d.B);
+  ip.T = static_cast<int>(d.T);
+  ip.H = static_cast<int>(d.H);
+  ip.N = static_cast<int>(d.N);
+  ip.slots = static_cast<int>(slots);
+  ip.scale = static_cast<float>(scale);
+
+  ChunkParams p = pass_params(q_gated, k_gated, v, o, nullptr, nullptr, cu_seqlens, d);
+  p.h0 = opt_f32(h0, "initial_state", q, {d.N, d.H, d.K, d.V});
+  p.ht = output_final_state ? static_cast<float*>(ht.data_ptr()) : nullptr;
+  p.scale_intra = p.scale_inter = static_cast<float>(scale);
+  p.scale_update = 1.f;
+  p.A = A.data_ptr();
+  p.key_decay = ip.key_decay;
+  p.chunk_offsets = offsets;
+
+  cudaStream_t stream = current_stream(q);
+  FLA_DTYPE_SWITCH(dtype_of(q, "q"), Elem, [&] {
+    if constexpr (std::is_same_v<Elem, float>) {
+      STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
+    } else {
+      switch (d.K) {
+        case 64: run_gla_intra<Elem, 64>(ip, stream); run_chunk_pass<Elem, 64, true>(p, stream); break;
+        case 128: run_gla_intra<Elem, 128>(ip, stream); run_chunk_pass<Elem, 128, true>(p, stream); break;
+        case 256: run_gla_intra<Elem, 256>(ip, stream); run_chunk_pass<Elem, 256, true>(p, stream); break;
+        default: STD_TORCH_CHECK(false, "fla_cuda: chunk head dim must be 64, 128 or 256");
+      }
+    }
+  });
+  return {o, ht};
 }
 
 }  // namespace fla

@@ -19,4 +19,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
     std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens, Tensor dout, std::optional<Tensor> dht,
     double scale, bool need_dg, bool need_dh0);
 
+// Chunkwise GLA forward: o [B,T,H,V] (input dtype), ht [N,H,K,V] fp32 (empty unless
+// output_final_state). g [B,T,H,K] log gates, fp32 or the input dtype; chunk_offsets [N + 1]
+// (first chunk of each packed sequence) with cu_seqlens.
+std::tuple<Tensor, Tensor> chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0,
+                                         std::optional<Tensor> cu_seqlens, std::optional<Tensor> chunk_offsets,
+                                         double scale, bool output_final_state);
+
 }  // namespace fla

@@ -51,7 +51,7 @@ template <int Rows, int Cols>
 using SmemTileT = decltype(composition(SmemTile<Rows, Cols>{},
                                        make_layout(Shape<Int<Cols>, Int<Rows>>{}, GenRowMajor{})));
 
-template <typename Elem_, int DK_>
+template <typename Elem_, int DK_, bool kGla_ = false>
 struct Traits {
   using Elem = typename CuteType<Elem_>::type;
   static constexpr int C = kChunk;
@@ -71,11 +71,13 @@ struct Traits {
   using LayoutVt = SmemTileT<C, BV>;    // read as (BV, C)
   using LayoutH = SmemTile<DK, BV>;     // state, input dtype    (DK, BV)
   using LayoutHt = SmemTileT<DK, BV>;   // read as (BV, DK)
+  using LayoutA = SmemTile<C, C>;       // GLA: precomputed scores (C, C)
 
   static constexpr int kQK = C * DK, kV = C * BV, kHt = BV * DK;
   // two stages of q, k, v; scaled v; state^T; then two stages of cumulative gates
   static constexpr int kElems = 2 * (2 * kQK + kV) + kV + kHt + 2 * kV;   // ... + dot partner stages
-  static constexpr int kSmemBytes = kElems * int(sizeof(Elem)) + 2 * C * int(sizeof(float));
+  static constexpr int kSmemBytes = kElems * int(sizeof(Elem)) + 2 * C * int(sizeof(float)) +
+                                    (kGla_ ? 2 * C * C * int(sizeof(Elem)) : 0);   // + GLA score stages
 };
 
 // acc (C fragment, ((2,2), M, N)) -> A operand ((2,2,2), M, N/2): two n8 accumulator
@@ -153,9 +155,9 @@ __device__ __forceinline__ void cp_async_16(Elem* smem, const Elem* gmem, bool v
                                            valid);
 }
 
-template <typename Elem_, int DK>
+template <typename Elem_, int DK, bool kGla>
 __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__ ChunkParams p) {
-  using Tr = Traits<Elem_, DK>;
+  using Tr = Traits<Elem_, DK, kGla>;
   using Elem = typename Tr::Elem;
   constexpr int C = Tr::C, BV = Tr::BV, kThreads = Tr::kThreads;
 
@@ -168,6 +170,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   Elem* const ht_buf = vs_buf + Tr::kV;           // [BV*DK]
   Elem* const dot_buf = ht_buf + Tr::kHt;         // [2][C*BV] rows of dot_with
   float* const g_buf = reinterpret_cast<float*>(dot_buf + 2 * Tr::kV);   // [2][C] cumulative gates
+  Elem* const a_buf = reinterpret_cast<Elem*>(g_buf + 2 * C);             // GLA: [2][C*C] scores
 
   const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z / p.num_segs, seg = blockIdx.z % p.num_segs;
   if (p.state_only && seg == p.num_segs - 1) return;   // nobody starts after the last segment
@@ -233,6 +236,17 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       const bool valid = rv0 + j * kRowsV < rows_left;
       cp_async_16(sv + smem_off_v[j], v + (valid ? v_off + j * v_step : 0), valid);
     }
+    if constexpr (kGla) {      // rows of the chunk's score tile: C elements each
+      constexpr int kVecA = C / 8, kRowsA = kThreads / kVecA;
+      const int ra0 = tid / kVecA, ca = tid % kVecA * 8;
+      const int64_t a_off = token(pos0 + ra0) * H * C + ca;
+      CUTE_UNROLL
+      for (int j = 0; j < C / kRowsA; ++j) {
+        const bool valid = ra0 + j * kRowsA < rows_left;
+        cp_async_16(a_buf + stage * C * C + typename Tr::LayoutA{}(ra0 + j * kRowsA, ca),
+                    static_cast<const Elem*>(p.A) + h * C + (valid ? a_off + j * kRowsA * H * C : 0), valid);
+      }
+    }
     if (p.dots != nullptr) {   // the dot partner has v's layout
       CUTE_UNROLL
       for (int j = 0; j < C / kRowsV; ++j) {
@@ -292,6 +306,25 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));    // coords of S_qk
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));   // coords of O
 
+  // O goes out through this warp's own rows of the q tile (no longer read): 16-byte stores.
+  auto store_output = [&](auto const& accO, auto& sQ, int c) {
+    __syncwarp();
+    Tensor tOsQ = thr_mma.partition_C(local_tile(sQ, Shape<Int<C>, Int<BV>>{}, make_coord(0, 0)));
+    CUTE_STATIC_ASSERT_V(size(tOsQ) == size(accO));
+    store_pairs(accO, tOsQ);
+    __syncwarp();
+    Elem* o = static_cast<Elem*>(p.o) + h * DV + tile * BV;
+    CUTE_UNROLL
+    for (int j = 0; j < 16 * BV / 8 / 32; ++j) {
+      const int i = lane + 32 * j;
+      const int r = warp * 16 + i / (BV / 8), col = i % (BV / 8) * 8;
+      const int64_t pos = seg_begin + int64_t(c) * C + r;
+      if (pos < len)
+        *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
+            *reinterpret_cast<const cute::uint128_t*>(&sQ(r, col));
+    }
+  };
+
   if (num_chunks > 0) {
     load_chunk(0, 0);
     cp_async_fence();
@@ -321,8 +354,25 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     const float* G = g_buf + stage * C;
     const float g_last = G[C - 1];
     gate_sum += g_last;
+    // GLA: the chunk's per-key decay exp(G_last) of the state rows this thread holds (no
+    // segments in GLA mode, so the chunk's slot is its sequence's first slot plus c)
+    // (m16n8 accumulators: values 0, 1 of an MMA sit on one row, 2, 3 eight rows below).
+    constexpr int kStateM = DK / 64;   // MMA_M of the state tile
+    CUTE_STATIC_ASSERT_V(size<1>(accH) == Int<kStateM>{});
+    float key_decay[kStateM][2];
+    if constexpr (kGla) {
+      const int64_t slot = (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) + c;
+      const float* decay = p.key_decay + (slot * H + h) * DK;
+      CUTE_UNROLL
+      for (int m = 0; m < kStateM; ++m) {
+        key_decay[m][0] = decay[get<0>(tHcH(0, m, 0))];
+        key_decay[m][1] = decay[get<0>(tHcH(2, m, 0))];
+      }
+    }
 
     // V scaled by its decay to the chunk end, for the state update (read after the next barrier).
+    // GLA: k arrives scaled instead, and v is used as it is.
+    if constexpr (!kGla) {
     CUTE_UNROLL
     for (int j = 0; j < C / kRowsV; ++j) {
       const float w = __expf(g_last - G[rv0 + j * kRowsV]) * p.scale_update;
@@ -333,8 +383,19 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       for (int e = 0; e < 8; ++e) x[e] = static_cast<Elem>(static_cast<float>(x[e]) * w);
       *reinterpret_cast<cute::uint128_t*>(vs_buf + smem_off_v[j]) = *reinterpret_cast<const cute::uint128_t*>(x.data());
     }
+    }
 
-    if (!p.state_only) {
+    if constexpr (kGla) {
+      // O = Q~ S * scale_inter + A V, with q~ = q exp(G) and the scores A made by gla_intra
+      Tensor sA = make_tensor(make_smem_ptr(a_buf + stage * C * C), typename Tr::LayoutA{});   // (C, C)
+      Tensor accO = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
+      clear(accO);
+      gemm_ss<Tr>(accO, sQ, sHt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
+      CUTE_UNROLL
+      for (int i = 0; i < size(accO); ++i) accO(i) *= p.scale_inter;
+      gemm_ss<Tr>(accO, sA, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
+      store_output(accO, sQ, c);
+    } else if (!p.state_only) {
     // P = (Q K^T) * D * scale_intra
       Tensor accS = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});      // (MMA, MMA_M, MMA_N)
       clear(accS);
@@ -398,30 +459,25 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
           }
         }
       }
-      // O goes out through this warp's own rows of the q tile (no longer read): 16-byte stores.
-      __syncwarp();
-      Tensor tOsQ = thr_mma.partition_C(local_tile(sQ, Shape<Int<C>, Int<BV>>{}, make_coord(0, 0)));
-      CUTE_STATIC_ASSERT_V(size(tOsQ) == size(accO));
-      store_pairs(accO, tOsQ);
-      __syncwarp();
-      Elem* o = static_cast<Elem*>(p.o) + h * DV + tile * BV;
-      CUTE_UNROLL
-      for (int j = 0; j < 16 * BV / 8 / 32; ++j) {
-        const int i = lane + 32 * j;
-        const int r = warp * 16 + i / (BV / 8), col = i % (BV / 8) * 8;
-        const int64_t pos = seg_begin + int64_t(c) * C + r;
-        if (pos < len)
-          *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
-              *reinterpret_cast<const cute::uint128_t*>(&sQ(r, col));
-      }
+      store_output(accO, sQ, c);
   
     }
     __syncthreads();                     // scaled v written; every warp is done with the state copy
-    // S = exp(G_last) S + K^T Vs
-    const float a = __expf(g_last);
-    CUTE_UNROLL
-    for (int i = 0; i < size(accH); ++i) accH(i) *= a;
-    gemm_ss<Tr>(accH, sKt, sVst, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+    // S = exp(G_last) S + K^T Vs   (GLA: diag(exp(G_last)) S + K~^T V)
+    if constexpr (kGla) {
+      CUTE_UNROLL
+      for (int m = 0; m < kStateM; ++m)
+        CUTE_UNROLL
+        for (int nn = 0; nn < size<2>(accH); ++nn)
+          CUTE_UNROLL
+          for (int v = 0; v < size<0>(accH); ++v) accH(v, m, nn) *= key_decay[m][v / 2];
+      gemm_ss<Tr>(accH, sKt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+    } else {
+      const float a = __expf(g_last);
+      CUTE_UNROLL
+      for (int i = 0; i < size(accH); ++i) accH(i) *= a;
+      gemm_ss<Tr>(accH, sKt, sVst, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+    }
     store_state_smem();
     if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
   }
@@ -444,10 +500,10 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
 
 }  // namespace chunk
 
-template <typename Elem, int DK>
+template <typename Elem, int DK, bool kGla>
 void run_chunk_pass(const ChunkParams& p, cudaStream_t stream) {
-  using Tr = chunk::Traits<Elem, DK>;
-  auto kernel = chunk::chunk_pass_kernel<Elem, DK>;
+  using Tr = chunk::Traits<Elem, DK, kGla>;
+  auto kernel = chunk::chunk_pass_kernel<Elem, DK, kGla>;
   FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
   const dim3 grid(p.DV / Tr::BV, p.H, p.N * p.num_segs);
   if (grid.x * grid.y * grid.z == 0) return;

@@ -200,6 +200,9 @@ def chunk_gla(
 
     Returns:
         ``(o [B, T, H, V], final_state or None)``.
+
+    The forward runs the CUDA chunk kernels where ``backend.use_cuda`` allows (fp16/bf16,
+    head dims 64/128/256); its gradient is still the PyTorch path's (``gla_cuda``).
     """
     B, T, H, K, V, scale, h0 = _common_checks(q, k, v, scale, initial_state, output_final_state,
                                               state_v_first, cu_seqlens)
@@ -209,8 +212,13 @@ def chunk_gla(
         check_tensor("cu_seqlens_cpu", cu_seqlens_cpu, ndim=1, dtypes=(torch.int32, torch.int64))
         if cu_seqlens is not None and cu_seqlens_cpu.tolist() != cu_seqlens.tolist():
             raise ValueError("`cu_seqlens_cpu` must be a host copy of `cu_seqlens`")
-    o, ht = gla_chunk_torch(q, k, v, g, None, scale=scale, initial_state=h0,
-                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if backend.use_cuda("chunk_gla", q, K, V):
+        from .gla_cuda import chunk_gla_cuda
+        o, ht = chunk_gla_cuda(q, k, v, g, scale=scale, initial_state=h0,
+                               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    else:
+        o, ht = gla_chunk_torch(q, k, v, g, None, scale=scale, initial_state=h0,
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     return o, swap_state_layout(ht, state_v_first)
 
 
