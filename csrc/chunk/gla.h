@@ -8,16 +8,17 @@
 //   k~_t = k_t * exp(G_last - G_t)        (for the state update  S = diag(exp(G_last)) S + K~^T V)
 //   A_t  = scale * sum_k q_tk k_jk exp(G_tk - G_jk), j <= t in the chunk, 0 past t
 //
-// and per chunk exp(G_last) (key_decay). The scores are one tensor-core product per 16-row
-// query sub-chunk a, on operands folded at its first row r = 16a:
+// and per chunk exp(G_last) (key_decay). Within a query sub-chunk a (rows 16a..16a+15) the
+// scores fold at its first row r = 16a:
 //
-//   Q_f = Q_a * exp(G_a - G_r) (<= 1),   K_f = K_{0..16a+15} * exp(G_r - G_j)
+//   Q_f = Q_a * exp(G_a - G_r) (<= 1),   K_f = K_j * exp(G_r - G_j)
 //
-// K_f <= 1 for the earlier sub-chunks; inside sub-chunk a it grows up to exp(-span), span the
-// sub-chunk's own gate sum (G_{r+15} - G_r). While every span of a 64-column slice stays above
-// -kMaxSpan the product is exact up to the operands' rounding (as FLA's off-diagonal blocks);
-// a slice where some span is stronger (gates near the -1e4 clamp, or fp16's narrow range) takes
-// the diagonal sub-blocks elementwise in fp32 instead, exp(G_i - G_j) <= 1 for each pair.
+// Off-diagonal (j < r): K_f <= 1, one bf16/fp16 tensor-core product, as FLA's off-diagonal
+// blocks. Diagonal (r <= j <= i): K_f grows up to exp(-span), span = G_{r+15} - G_r of the
+// sub-chunk; the fp32 folded operands are split into hi + lo parts in the input type and the
+// block is Qh Kh^T + Qh Kl^T + Ql Kh^T (about 16 mantissa bits, like FLA's fp32 elementwise
+// diagonal). A 64-column slice where some span is below -60 (fp16: below -5.5, its range ends
+// at 65504) takes the diagonal elementwise in fp32 instead: exp(G_i - G_j) <= 1 per pair.
 //
 // Layouts (contiguous): q, k, q~, k~ [B*T, H, DK] input dtype; g [B*T, H, DK] fp32 or the
 // input dtype; A [B*T, H, C] input dtype; key_decay [slots, H, DK] fp32, where chunk c of
