@@ -164,3 +164,17 @@ def test_torch_compile_fullgraph_and_opcheck():
     torch.library.opcheck(torch.ops.fla_cuda.chunk_gla_fwd.default,
                           (x["q"], x["k"], x["v"], x["g"], x["h0"], None, None, 0.125, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("H,divisor", [(2, 1.0), (3, 16.0)])
+def test_long_sequence_split_into_segments(H, divisor):
+    """B=1 and few heads: the walk splits into segments (state-only launch, then folded in
+    order with per-key decays); the recurrent kernel gives the same answer."""
+    from fla_cuda.ops.gla_cuda import chunk_gla_cuda
+    from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
+    x = make_inputs(1, 20000, H, 128, 128, torch.bfloat16, divisor)
+    o, ht = chunk_gla_cuda(x["q"], x["k"], x["v"], x["g"], scale=0.1, initial_state=x["h0"], output_final_state=True)
+    ro, rht = fused_recurrent_cuda(x["q"], x["k"], x["v"], gk=x["g"], scale=0.1, initial_state=x["h0"],
+                                   output_final_state=True)
+    assert_close("o", ro.float(), o.float(), TOL[torch.bfloat16])
+    assert_close("ht", rht, ht, TOL[torch.bfloat16])

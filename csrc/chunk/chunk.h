@@ -63,7 +63,8 @@ struct ChunkParams {
   float* seg_gates;
   // GLA mode (run_chunk_pass<..., true>): q and k arrive gated (q exp(G), k exp(G_last - G),
   // from gla_intra), the intra-chunk scores are read from A instead of computed, and the
-  // state decays per key row by key_decay. No gates, segments, reverse or dots.
+  // state decays per key row by key_decay. No gates, reverse or dots; split walks keep one
+  // decay per key row and segment in seg_gates ([N*NS, H, DK], products, not logs).
   const void* A;               // [B*T, H, C] input dtype
   const float* key_decay;      // [chunk slots, H, DK] exp(G_last) of each chunk
   const int64_t* chunk_offsets;   // [N + 1] first slot of each sequence (with cu_seqlens)

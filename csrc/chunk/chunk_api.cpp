@@ -62,15 +62,16 @@ ChunkParams pass_params(const Tensor& q, const Tensor& k, const Tensor& v, Tenso
   return p;
 }
 
+template <bool kGla>
 void launch_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) {
   FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
     if constexpr (std::is_same_v<Elem, float>) {
       STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
     } else {
       switch (p.DK) {
-        case 64: run_chunk_pass<Elem, 64>(p, stream); break;
-        case 128: run_chunk_pass<Elem, 128>(p, stream); break;
-        case 256: run_chunk_pass<Elem, 256>(p, stream); break;
+        case 64: run_chunk_pass<Elem, 64, kGla>(p, stream); break;
+        case 128: run_chunk_pass<Elem, 128, kGla>(p, stream); break;
+        case 256: run_chunk_pass<Elem, 256, kGla>(p, stream); break;
         default: STD_TORCH_CHECK(false, "fla_cuda: chunk head dim must be 64, 128 or 256");
       }
     }
@@ -83,6 +84,8 @@ int64_t value_tiles(int64_t dk, int64_t dv) { return dv / chunk_value_tile(stati
 // (the split costs an extra state-only launch, measured slower than a nearly full wave);
 // otherwise dense batches split every sequence into segments of at least 2 chunks, as many
 // as fit one wave of two blocks per SM (a partial second wave would double the time) (chunk.h).
+// GLA mode (gla.h) splits the same way; its segment decays are per key row.
+template <bool kGla = false>
 void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
   const int64_t blocks = value_tiles(p.DK, p.DV) * p.H * p.N;
   const int64_t chunks = (int64_t(p.T) + kChunk - 1) / kChunk;
@@ -91,21 +94,21 @@ void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
   if (p.cu_seqlens == nullptr && blocks > 0 && blocks < sms)
     segs = std::min(2 * sms / blocks, chunks / 2);
   if (segs < 2) {
-    launch_pass(p, like, stream);
+    launch_pass<kGla>(p, like, stream);
     return;
   }
   p.seg_chunks = static_cast<int>((chunks + segs - 1) / segs);
   p.num_segs = static_cast<int>((chunks + p.seg_chunks - 1) / p.seg_chunks);
   Tensor seg_states = empty_f32(like, {p.N * p.num_segs, p.H, p.DK, p.DV});
-  Tensor seg_gates = empty_f32(like, {p.N * p.num_segs, p.H});
+  Tensor seg_gates = kGla ? empty_f32(like, {p.N * p.num_segs, p.H, p.DK}) : empty_f32(like, {p.N * p.num_segs, p.H});
   p.seg_states = static_cast<float*>(seg_states.data_ptr());
   p.seg_gates = static_cast<float*>(seg_gates.data_ptr());
   ChunkParams local = p;     // segment-local states from zero, no outputs
   local.state_only = true;
   local.dots = nullptr;
   local.ht = nullptr;
-  launch_pass(local, like, stream);
-  launch_pass(p, like, stream);
+  launch_pass<kGla>(local, like, stream);
+  launch_pass<kGla>(p, like, stream);
 }
 
 }  // namespace
@@ -256,13 +259,14 @@ std::tuple<Tensor, Tensor> chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g,
       STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
     } else {
       switch (d.K) {
-        case 64: run_gla_intra<Elem, 64>(ip, stream); run_chunk_pass<Elem, 64, true>(p, stream); break;
-        case 128: run_gla_intra<Elem, 128>(ip, stream); run_chunk_pass<Elem, 128, true>(p, stream); break;
-        case 256: run_gla_intra<Elem, 256>(ip, stream); run_chunk_pass<Elem, 256, true>(p, stream); break;
+        case 64: run_gla_intra<Elem, 64>(ip, stream); break;
+        case 128: run_gla_intra<Elem, 128>(ip, stream); break;
+        case 256: run_gla_intra<Elem, 256>(ip, stream); break;
         default: STD_TORCH_CHECK(false, "fla_cuda: chunk head dim must be 64, 128 or 256");
       }
     }
   });
+  run_pass<true>(p, q, stream);
   return {o, ht};
 }
 

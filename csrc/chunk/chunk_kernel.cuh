@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       const bool valid = rv0 + j * kRowsV < rows_left;
       cp_async_16(sv + smem_off_v[j], v + (valid ? v_off + j * v_step : 0), valid);
     }
-    if constexpr (kGla) {      // rows of the chunk's score tile: C elements each
+    if (kGla && !p.state_only) {   // rows of the chunk's score tile: C elements each
       constexpr int kVecA = C / 8, kRowsA = kThreads / kVecA;
       const int ra0 = tid / kVecA, ca = tid % kVecA * 8;
       const int64_t a_off = token(pos0 + ra0) * H * C + ca;
@@ -292,13 +292,27 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   auto seg_state_off = [&](int s) { return ((int64_t(n) * p.num_segs + s) * H + h) * DK * DV + int64_t(tile) * BV; };
   if (!p.state_only && seg > 0) {
     for (int s = 0; s < seg; ++s) {
-      const float a = __expf(p.seg_gates[(int64_t(n) * p.num_segs + s) * H + h]);
       const float* u = p.seg_states + seg_state_off(s);
-      CUTE_UNROLL
-      for (int i = 0; i < size(accH); ++i) accH(i) = a * accH(i) + u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))];
+      if constexpr (kGla) {   // per key row: the product of the segment's chunk decays
+        const float* a = p.seg_gates + ((int64_t(n) * p.num_segs + s) * H + h) * DK;
+        CUTE_UNROLL
+        for (int i = 0; i < size(accH); ++i)
+          accH(i) = a[get<0>(tHcH(i))] * accH(i) + u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))];
+      } else {
+        const float a = __expf(p.seg_gates[(int64_t(n) * p.num_segs + s) * H + h]);
+        CUTE_UNROLL
+        for (int i = 0; i < size(accH); ++i) accH(i) = a * accH(i) + u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))];
+      }
     }
   }
   float gate_sum = 0.f;   // total log gate of this block's positions (state-only launch)
+  // GLA: per key row, the product of the chunk decays of this block's positions (state-only
+  // launch). m16n8 accumulators: values 0, 1 of an MMA sit on one row, 2, 3 eight rows below.
+  constexpr int kStateM = DK / 64;   // MMA_M of the state tile
+  CUTE_STATIC_ASSERT_V(size<1>(accH) == Int<kStateM>{});
+  float decay_prod[kStateM][2];
+  CUTE_UNROLL
+  for (int m = 0; m < kStateM; ++m) decay_prod[m][0] = decay_prod[m][1] = 1.f;
   Tensor sH = make_tensor(make_smem_ptr(ht_buf), typename Tr::LayoutH{});   // (DK, BV)
   Tensor tHsH = thr_mma.partition_C(sH);
   auto store_state_smem = [&] { store_pairs(accH, tHsH); };
@@ -354,19 +368,19 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     const float* G = g_buf + stage * C;
     const float g_last = G[C - 1];
     gate_sum += g_last;
-    // GLA: the chunk's per-key decay exp(G_last) of the state rows this thread holds (no
-    // segments in GLA mode, so the chunk's slot is its sequence's first slot plus c)
-    // (m16n8 accumulators: values 0, 1 of an MMA sit on one row, 2, 3 eight rows below).
-    constexpr int kStateM = DK / 64;   // MMA_M of the state tile
-    CUTE_STATIC_ASSERT_V(size<1>(accH) == Int<kStateM>{});
+    // GLA: the chunk's per-key decay exp(G_last) of the state rows this thread holds; the
+    // chunk's slot is its sequence's first slot plus its chunk index in the sequence
     float key_decay[kStateM][2];
     if constexpr (kGla) {
-      const int64_t slot = (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) + c;
+      const int64_t slot = (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
+                           int64_t(seg) * p.seg_chunks + c;
       const float* decay = p.key_decay + (slot * H + h) * DK;
       CUTE_UNROLL
       for (int m = 0; m < kStateM; ++m) {
         key_decay[m][0] = decay[get<0>(tHcH(0, m, 0))];
         key_decay[m][1] = decay[get<0>(tHcH(2, m, 0))];
+        decay_prod[m][0] *= key_decay[m][0];
+        decay_prod[m][1] *= key_decay[m][1];
       }
     }
 
@@ -386,6 +400,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     }
 
     if constexpr (kGla) {
+      if (!p.state_only) {
       // O = Q~ S * scale_inter + A V, with q~ = q exp(G) and the scores A made by gla_intra
       Tensor sA = make_tensor(make_smem_ptr(a_buf + stage * C * C), typename Tr::LayoutA{});   // (C, C)
       Tensor accO = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
@@ -395,6 +410,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       for (int i = 0; i < size(accO); ++i) accO(i) *= p.scale_inter;
       gemm_ss<Tr>(accO, sA, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
       store_output(accO, sQ, c);
+      }
     } else if (!p.state_only) {
     // P = (Q K^T) * D * scale_intra
       Tensor accS = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});      // (MMA, MMA_M, MMA_N)
@@ -486,7 +502,18 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     float* u = p.seg_states + seg_state_off(seg);
     CUTE_UNROLL
     for (int i = 0; i < size(accH); ++i) u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))] = accH(i);
-    if (tile == 0 && tid == 0) p.seg_gates[(int64_t(n) * p.num_segs + seg) * H + h] = gate_sum;
+    if constexpr (kGla) {   // the first lane of each quad holds distinct rows
+      if (tile == 0 && lane % 4 == 0) {
+        float* a = p.seg_gates + ((int64_t(n) * p.num_segs + seg) * H + h) * DK;
+        CUTE_UNROLL
+        for (int m = 0; m < kStateM; ++m) {
+          a[get<0>(tHcH(0, m, 0))] = decay_prod[m][0];
+          a[get<0>(tHcH(2, m, 0))] = decay_prod[m][1];
+        }
+      }
+    } else {
+      if (tile == 0 && tid == 0) p.seg_gates[(int64_t(n) * p.num_segs + seg) * H + h] = gate_sum;
+    }
     return;
   }
   if (p.ht != nullptr && last_seg) {
