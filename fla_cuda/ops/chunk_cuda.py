@@ -37,6 +37,23 @@ def supports(q: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
+def chunk_offsets(cu_seqlens: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """First chunk of each packed sequence, [N + 1] int64 (on the device: no sync)."""
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + chunk - 1) // chunk
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def fwd_outputs_like(q, v, cu_seqlens, output_final_state):
+    """Fake outputs of a chunk forward: o [B, T, H, V] in q's dtype, ht [N, H, K, V] fp32
+    (empty unless output_final_state)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state \
+        else q.new_empty(0, dtype=torch.float32)
+    return q.new_empty(B, T, H, V), ht
+
+
 def _gate_gradient(per_token: torch.Tensor, cu_seqlens: torch.Tensor | None,
                    sink: torch.Tensor | None) -> torch.Tensor:
     """dg [B, T, H] (fp64) from the identity in the module docstring: the sum of
@@ -57,12 +74,7 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_simple_gla_fw
 
     @torch.library.register_fake("fla_cuda::chunk_simple_gla_fwd")
     def _fwd_fake(q, k, v, g, g_gamma, h0, cu_seqlens, scale, output_final_state):
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state \
-            else q.new_empty(0, dtype=torch.float32)
-        return q.new_empty(B, T, H, V), ht
+        return fwd_outputs_like(q, v, cu_seqlens, output_final_state)
 
     @torch.library.register_fake("fla_cuda::chunk_simple_gla_bwd")
     def _bwd_fake(q, k, v, g, g_gamma, h0, cu_seqlens, do, dht, scale, need_dg, need_dh0):

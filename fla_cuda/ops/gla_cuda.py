@@ -13,29 +13,17 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-
-CHUNK = 64
-
-
-def _chunk_offsets(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """First chunk slot of each packed sequence, [N + 1] int64 (on the device: no sync)."""
-    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + CHUNK - 1) // CHUNK
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+from .chunk_cuda import chunk_offsets, fwd_outputs_like
 
 
 if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_gla_fwd"):
 
     @torch.library.register_fake("fla_cuda::chunk_gla_fwd")
-    def _fwd_fake(q, k, v, g, h0, cu_seqlens, chunk_offsets, scale, output_final_state):
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state \
-            else q.new_empty(0, dtype=torch.float32)
-        return q.new_empty(B, T, H, V), ht
+    def _fwd_fake(q, k, v, g, h0, cu_seqlens, offsets, scale, output_final_state):
+        return fwd_outputs_like(q, v, cu_seqlens, output_final_state)
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, g, h0, cu_seqlens, chunk_offsets, scale, output_final_state = inputs
+        q, k, v, g, h0, cu_seqlens, offsets, scale, output_final_state = inputs
         ctx.save_for_backward(q, k, v, g, h0, cu_seqlens)
         ctx.scale = scale
 
@@ -72,6 +60,6 @@ def chunk_gla_cuda(q, k, v, g, *, scale: float, initial_state=None, output_final
         q.contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(), g.contiguous(),
         None if initial_state is None else initial_state.float().contiguous(),
         None if cu_seqlens is None else cu_seqlens.contiguous(),
-        None if cu_seqlens is None else _chunk_offsets(cu_seqlens),
+        None if cu_seqlens is None else chunk_offsets(cu_seqlens),
         float(scale), bool(output_final_state))
     return o, (ht if output_final_state else None)

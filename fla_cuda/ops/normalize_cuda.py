@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension, backend
+from .chunk_cuda import chunk_offsets
 
 CHUNK = 64          # tokens per scan chunk (kNormChunk in csrc/normalize/normalize.h)
 MAX_DIM = 256       # K, V <= kNormThreads (one key channel per thread)
@@ -27,8 +28,7 @@ def _chunks(B: int, T: int, N: int, packed: bool) -> int:
 
 def _chunk_offsets(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """First chunk of each packed sequence, [N + 1] int64 (on the device: no sync)."""
-    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + CHUNK - 1) // CHUNK
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return chunk_offsets(cu_seqlens, CHUNK)
 
 
 def supports(q: torch.Tensor, v: torch.Tensor, reverse: bool) -> bool:
