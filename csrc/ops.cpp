@@ -25,7 +25,12 @@ STABLE_TORCH_LIBRARY(fla_cuda, m) {
       "(Tensor dq, Tensor dk, Tensor dv, Tensor dq_dots, Tensor dk_dots, Tensor dh0)");
   m.def(
       "chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
-      "Tensor? chunk_offsets, float scale, bool output_final_state) -> (Tensor o, Tensor ht)");
+      "Tensor? chunk_offsets, float scale, bool output_final_state) -> (Tensor o, Tensor ht, Tensor q_gated, "
+      "Tensor k_gated, Tensor A, Tensor key_decay)");
+  m.def(
+      "chunk_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
+      "Tensor? chunk_offsets, Tensor q_gated, Tensor k_gated, Tensor A, Tensor key_decay, Tensor do, "
+      "Tensor? dht, float scale, bool need_dh0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)");
   m.def(
       "linear_attn_normalize_fwd(Tensor o_raw, Tensor q, Tensor k, Tensor? z0, Tensor? cu_seqlens, "
       "Tensor? chunk_offsets, float scale) -> (Tensor o, Tensor z_final, Tensor den, Tensor k_carry)");
@@ -41,6 +46,7 @@ STABLE_TORCH_LIBRARY_IMPL(fla_cuda, CUDA, m) {
   m.impl("chunk_simple_gla_fwd", TORCH_BOX(&fla::chunk_simple_gla_fwd));
   m.impl("chunk_simple_gla_bwd", TORCH_BOX(&fla::chunk_simple_gla_bwd));
   m.impl("chunk_gla_fwd", TORCH_BOX(&fla::chunk_gla_fwd));
+  m.impl("chunk_gla_bwd", TORCH_BOX(&fla::chunk_gla_bwd));
   m.impl("linear_attn_normalize_fwd", TORCH_BOX(&fla::linear_attn_normalize_fwd));
   m.impl("linear_attn_normalize_bwd", TORCH_BOX(&fla::linear_attn_normalize_bwd));
 }

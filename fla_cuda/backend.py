@@ -29,8 +29,7 @@ class KernelSpec:
 _RECURRENT = KernelSpec("recurrent_fwd")
 _CHUNK_SCALAR_GATE = KernelSpec("chunk_simple_gla_fwd", dtypes=(torch.float16, torch.bfloat16),
                                 head_dims=(64, 128, 256))
-_CHUNK_GLA = KernelSpec("chunk_gla_fwd", dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128, 256),
-                        backward=False)
+_CHUNK_GLA = KernelSpec("chunk_gla_fwd", dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128, 256))
 
 # Every public op of the library, in the order `python -m fla_cuda info` lists them,
 # mapped to its CUDA kernel (None: PyTorch path only, the kernel has not landed yet).

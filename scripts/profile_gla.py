@@ -1,5 +1,6 @@
-"""Time chunk_gla's CUDA forward at one shape: the whole op (eager) and the device time of
-each of its kernels (torch.profiler), next to FLA's chunk_gla when importable. GPU only.
+"""Time chunk_gla's CUDA forward and forward+backward at one shape: the whole op (eager) and
+the device time of each kernel (torch.profiler), next to FLA's chunk_gla when importable.
+GPU only.
 
     python scripts/profile_gla.py [--shape BxTxHxD] [--divisor 16] [--no-fla]
 """
@@ -22,11 +23,18 @@ def main():
     dev, dt = "cuda", torch.bfloat16
     q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=dt) for _ in range(3))
     g = F.logsigmoid(torch.randn(B, T, H, D, device=dev)) / a.divisor
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, g)]
+    do = torch.randn_like(v)
 
     def ours():
         return fla_cuda.chunk_gla(q, k, v, g)
 
+    def ours_fwdbwd():
+        o, _ = fla_cuda.chunk_gla(*leaves)
+        return torch.autograd.grad(o, leaves, do)
+
     print(f"chunk_gla fwd {a.shape} fla_cuda {do_bench(ours, warmup=25, rep=200):.4f} ms (eager)")
+    print(f"chunk_gla fwd+bwd {a.shape} fla_cuda {do_bench(ours_fwdbwd, warmup=10, rep=100):.4f} ms (eager)")
     if not a.no_fla:
         try:
             from fla.ops import chunk_gla as fla_chunk_gla
@@ -37,9 +45,9 @@ def main():
             print(f"FLA: {type(e).__name__}: {e}")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            ours()
+            ours_fwdbwd()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16))
 
 
 if __name__ == "__main__":

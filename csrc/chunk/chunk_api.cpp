@@ -100,7 +100,8 @@ void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
   p.seg_chunks = static_cast<int>((chunks + segs - 1) / segs);
   p.num_segs = static_cast<int>((chunks + p.seg_chunks - 1) / p.seg_chunks);
   Tensor seg_states = empty_f32(like, {p.N * p.num_segs, p.H, p.DK, p.DV});
-  Tensor seg_gates = kGla ? empty_f32(like, {p.N * p.num_segs, p.H, p.DK}) : empty_f32(like, {p.N * p.num_segs, p.H});
+  Tensor seg_gates = kGla ? empty_f32(like, {p.N * p.num_segs, p.H, p.decay_cols ? p.DV : p.DK})
+                          : empty_f32(like, {p.N * p.num_segs, p.H});
   p.seg_states = static_cast<float*>(seg_states.data_ptr());
   p.seg_gates = static_cast<float*>(seg_gates.data_ptr());
   ChunkParams local = p;     // segment-local states from zero, no outputs
@@ -199,12 +200,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
   return {dq, dk, dv, dq_dots, dk_dots, dh0};
 }
 
-// GLA: gla_intra (gated q, k, scores, key decays), then the pass in GLA mode (gla.h).
-std::tuple<Tensor, Tensor> chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0,
-                                         std::optional<Tensor> cu_seqlens, std::optional<Tensor> chunk_offsets,
-                                         double scale, bool output_final_state) {
-  const Dims d = check_inputs(q, k, v, std::nullopt, std::nullopt, cu_seqlens);
-  torch::stable::accelerator::DeviceGuard guard(q.get_device());
+namespace {
+
+// The GLA ops' own checks (g, chunk_offsets); returns the number of chunk slots: packed,
+// sum_n ceil(len_n / C) <= ceil(T / C) + N (blocks past the last chunk exit).
+int64_t check_gla(const Tensor& q, const Tensor& g, const std::optional<Tensor>& cu_seqlens,
+                  const std::optional<Tensor>& chunk_offsets, const Dims& d) {
   check_cuda_tensor(g, "g", q);
   check_sizes(g, "g", {d.B, d.T, d.H, d.K});
   STD_TORCH_CHECK(g.scalar_type() == ScalarType::Float || g.scalar_type() == q.scalar_type(),
@@ -216,8 +217,29 @@ std::tuple<Tensor, Tensor> chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g,
     check_sizes(*chunk_offsets, "chunk_offsets", {d.N + 1});
   }
   const int64_t chunks = (d.T + kChunk - 1) / kChunk;
-  // packed: sum_n ceil(len_n / C) <= ceil(T / C) + N slots; blocks past the last chunk exit
-  const int64_t slots = cu_seqlens.has_value() ? chunks + d.N : d.B * chunks;
+  return cu_seqlens.has_value() ? chunks + d.N : d.B * chunks;
+}
+
+template <typename Launch>
+void gla_dtype_switch(const Tensor& q, Launch&& launch) {
+  FLA_DTYPE_SWITCH(dtype_of(q, "q"), Elem, [&] {
+    if constexpr (std::is_same_v<Elem, float>) {
+      STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
+    } else {
+      launch(Elem{});
+    }
+  });
+}
+
+}  // namespace
+
+// GLA: gla_intra (gated q, k, scores, key decays), then the pass in GLA mode (gla.h).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
+    Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens,
+    std::optional<Tensor> chunk_offsets, double scale, bool output_final_state) {
+  const Dims d = check_inputs(q, k, v, std::nullopt, std::nullopt, cu_seqlens);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device());
+  const int64_t slots = check_gla(q, g, cu_seqlens, chunk_offsets, d);
   Tensor q_gated = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
   Tensor k_gated = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
   Tensor A = torch::stable::new_empty(q, {d.B, d.T, d.H, int64_t(kChunk)});
@@ -254,20 +276,122 @@ std::tuple<Tensor, Tensor> chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g,
   p.chunk_offsets = offsets;
 
   cudaStream_t stream = current_stream(q);
-  FLA_DTYPE_SWITCH(dtype_of(q, "q"), Elem, [&] {
-    if constexpr (std::is_same_v<Elem, float>) {
-      STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
-    } else {
-      switch (d.K) {
-        case 64: run_gla_intra<Elem, 64>(ip, stream); break;
-        case 128: run_gla_intra<Elem, 128>(ip, stream); break;
-        case 256: run_gla_intra<Elem, 256>(ip, stream); break;
-        default: STD_TORCH_CHECK(false, "fla_cuda: chunk head dim must be 64, 128 or 256");
-      }
+  gla_dtype_switch(q, [&](auto e) {
+    using Elem = decltype(e);
+    switch (d.K) {
+      case 64: run_gla_intra<Elem, 64>(ip, stream); break;
+      case 128: run_gla_intra<Elem, 128>(ip, stream); break;
+      case 256: run_gla_intra<Elem, 256>(ip, stream); break;
+      default: STD_TORCH_CHECK(false, "fla_cuda: chunk head dim must be 64, 128 or 256");
     }
   });
   run_pass<true>(p, q, stream);
-  return {o, ht};
+  return {o, ht, q_gated, k_gated, A, key_decay};
+}
+
+// GLA backward (gla.h), from the forward's q~, k~, A and key decays, with L = dLoss/dh:
+//   dv, dh0 = pass(k~, q~, do; A^T; state dht, chunks in reverse)     scales (1, -, s)
+//   P       = pass(do, v, k~; state h0^T, column decays), fp32       scales (s, -, 1)
+//             and h^T after each chunk (states)
+//   R       = pass(v, do, q~; state dht^T, column decays, reverse)   scales (1, -, s)
+//             and the column sums of states * L^T (state_dots)
+//   dq, dk, dg = gla_bwd_intra(q, k, g, v, do, P, R, state_dots)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
+    Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens,
+    std::optional<Tensor> chunk_offsets, Tensor q_gated, Tensor k_gated, Tensor A, Tensor key_decay, Tensor dout,
+    std::optional<Tensor> dht, double scale, bool need_dh0) {
+  const Dims d = check_inputs(q, k, v, std::nullopt, std::nullopt, cu_seqlens);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device());
+  const int64_t slots = check_gla(q, g, cu_seqlens, chunk_offsets, d);
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&q_gated, "q_gated"}, {&k_gated, "k_gated"}}) {
+    check_cuda_tensor(*t, name, q);
+    check_sizes(*t, name, {d.B, d.T, d.H, d.K});
+    STD_TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fla_cuda: q_gated and k_gated must have q's dtype");
+  }
+  check_cuda_tensor(A, "A", q);
+  check_sizes(A, "A", {d.B, d.T, d.H, int64_t(kChunk)});
+  STD_TORCH_CHECK(A.scalar_type() == q.scalar_type(), "fla_cuda: A must have q's dtype");
+  check_cuda_tensor(key_decay, "key_decay", q);
+  check_sizes(key_decay, "key_decay", {slots, d.H, d.K});
+  STD_TORCH_CHECK(key_decay.scalar_type() == ScalarType::Float, "fla_cuda: key_decay must be float32");
+  check_cuda_tensor(dout, "do", q);
+  check_sizes(dout, "do", {d.B, d.T, d.H, d.V});
+  STD_TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "fla_cuda: do must have q's dtype");
+  const float* h0p = opt_f32(h0, "initial_state", q, {d.N, d.H, d.K, d.V});
+  const float* dhtp = opt_f32(dht, "dht", q, {d.N, d.H, d.K, d.V});
+  const int64_t* offsets = chunk_offsets.has_value() ? static_cast<const int64_t*>(chunk_offsets->data_ptr()) : nullptr;
+  const float s = static_cast<float>(scale);
+  cudaStream_t stream = current_stream(q);
+
+  Tensor dq = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
+  Tensor dk = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
+  Tensor dv = torch::stable::new_empty(q, {d.B, d.T, d.H, d.V});
+  Tensor dq_inter = empty_f32(q, {d.B, d.T, d.H, d.K});
+  Tensor dk_inter = empty_f32(q, {d.B, d.T, d.H, d.K});
+  Tensor dg = torch::stable::new_empty(g, {d.B, d.T, d.H, d.K});
+  Tensor states = torch::stable::new_empty(q, {slots, d.H, d.V, d.K});
+  Tensor state_dots = empty_f32(q, {slots, d.H, d.K});
+  Tensor dh0 = need_dh0 ? empty_f32(q, {d.N, d.H, d.K, d.V}) : nothing(q);
+
+  auto gla_pass = [&](const Tensor& qq, const Tensor& kk, const Tensor& vv, Tensor& out) {
+    ChunkParams r = pass_params(qq, kk, vv, out, nullptr, nullptr, cu_seqlens, d);
+    r.key_decay = static_cast<const float*>(key_decay.data_ptr());
+    r.chunk_offsets = offsets;
+    r.scale_inter = r.scale_update = 1.f;
+    return r;
+  };
+  ChunkParams pv = gla_pass(k_gated, q_gated, dout, dv);
+  pv.h0 = dhtp;
+  pv.ht = need_dh0 ? static_cast<float*>(dh0.data_ptr()) : nullptr;
+  pv.A = A.data_ptr();
+  pv.scale_update = s;
+  pv.reverse = true;
+  run_pass<true>(pv, q, stream);
+
+  ChunkParams pp = gla_pass(dout, v, k_gated, dq_inter);   // the state is h^T [V, K]
+  pp.h0 = h0p;
+  pp.state_stride_k = 1;
+  pp.state_stride_v = d.V;
+  pp.scale_inter = s;
+  pp.decay_cols = pp.o_fp32 = true;
+  pp.states_out = states.data_ptr();
+  run_pass<true>(pp, q, stream);
+
+  ChunkParams pr = gla_pass(v, dout, q_gated, dk_inter);   // the state is L^T [V, K]
+  pr.h0 = dhtp;
+  pr.state_stride_k = 1;
+  pr.state_stride_v = d.V;
+  pr.scale_update = s;
+  pr.reverse = pr.decay_cols = pr.o_fp32 = true;
+  pr.states_in = states.data_ptr();
+  pr.state_dots = static_cast<float*>(state_dots.data_ptr());
+  run_pass<true>(pr, q, stream);
+
+  GlaBwdIntraParams ip{};
+  ip.q = q.data_ptr();
+  ip.k = k.data_ptr();
+  ip.g = g.data_ptr();
+  ip.g_fp32 = g.scalar_type() == ScalarType::Float;
+  ip.v = v.data_ptr();
+  ip.dout = dout.data_ptr();
+  ip.dq_inter = static_cast<const float*>(dq_inter.data_ptr());
+  ip.dk_inter = static_cast<const float*>(dk_inter.data_ptr());
+  ip.dq = dq.data_ptr();
+  ip.dk = dk.data_ptr();
+  ip.state_dots = static_cast<const float*>(state_dots.data_ptr());
+  ip.dg = dg.data_ptr();
+  ip.cu_seqlens = cu_seqlens.has_value() ? static_cast<const int64_t*>(cu_seqlens->data_ptr()) : nullptr;
+  ip.chunk_offsets = offsets;
+  ip.B = static_cast<int>(d.B);
+  ip.T = static_cast<int>(d.T);
+  ip.H = static_cast<int>(d.H);
+  ip.N = static_cast<int>(d.N);
+  ip.K = static_cast<int>(d.K);
+  ip.V = static_cast<int>(d.V);
+  ip.slots = static_cast<int>(slots);
+  ip.scale = s;
+  gla_dtype_switch(q, [&](auto e) { run_gla_bwd_intra<decltype(e)>(ip, stream); });
+  return {dq, dk, dv, dg, dh0};
 }
 
 }  // namespace fla

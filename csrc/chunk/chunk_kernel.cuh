@@ -72,6 +72,7 @@ struct Traits {
   using LayoutH = SmemTile<DK, BV>;     // state, input dtype    (DK, BV)
   using LayoutHt = SmemTileT<DK, BV>;   // read as (BV, DK)
   using LayoutA = SmemTile<C, C>;       // GLA: precomputed scores (C, C)
+  using LayoutAt = SmemTileT<C, C>;     // read transposed
 
   static constexpr int kQK = C * DK, kV = C * BV, kHt = BV * DK;
   // two stages of q, k, v; scaled v; state^T; then two stages of cumulative gates
@@ -88,9 +89,11 @@ CUTE_HOST_DEVICE auto acc_as_operand_a(L acc) {
   return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
 }
 
-// acc += A B^T with A (M, K) and B (N, K) both in shared memory.
+// acc += A B^T with A (M, K) and B (N, K) both in shared memory; only the k16 blocks
+// [kb_lo, kb_hi) when given (bounds uniform within a warp: each warp may pass its own).
 template <class Tr, class TA, class TB, class Acc, class CopyA, class CopyB>
-__device__ __forceinline__ void gemm_ss(Acc& acc, TA const& sA, TB const& sB, CopyA, CopyB, int tid) {
+__device__ __forceinline__ void gemm_ss(Acc& acc, TA const& sA, TB const& sB, CopyA, CopyB, int tid,
+                                        int kb_lo = 0, int kb_hi = 1 << 30) {
   typename Tr::TiledMma mma;
   auto thr = mma.get_slice(tid);
   Tensor tCrA = thr.partition_fragment_A(sA);                 // (MMA, MMA_M, MMA_K)
@@ -108,6 +111,7 @@ __device__ __forceinline__ void gemm_ss(Acc& acc, TA const& sA, TB const& sB, Co
   CUTE_STATIC_ASSERT_V(size<2>(tCrA) == size<2>(tCrB));       // MMA_K
   CUTE_UNROLL
   for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+    if (kb < kb_lo || kb >= kb_hi) continue;
     copy(copy_a, tCsA(_, _, kb), tCrA_v(_, _, kb));
     copy(copy_b, tCsB(_, _, kb), tCrB_v(_, _, kb));
     gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
@@ -173,7 +177,11 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   Elem* const a_buf = reinterpret_cast<Elem*>(g_buf + 2 * C);             // GLA: [2][C*C] scores
 
   const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z / p.num_segs, seg = blockIdx.z % p.num_segs;
-  if (p.state_only && seg == p.num_segs - 1) return;   // nobody starts after the last segment
+  // GLA reverse: chunks walked last to first in time order (chunk.h); the scalar pass flips
+  // positions instead
+  const bool chunks_reversed = kGla && p.reverse, flip = !kGla && p.reverse;
+  const int final_seg = chunks_reversed ? 0 : p.num_segs - 1;   // the segment walked last
+  if (p.state_only && seg == final_seg) return;   // nobody starts after the last segment
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t H = p.H, DV = p.DV;
   int64_t bos = int64_t(n) * p.T, len = p.T;
@@ -185,9 +193,11 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   const int64_t seg_begin = int64_t(seg) * p.seg_chunks * C;
   const int64_t seg_len = p.num_segs == 1 ? len : min(len - seg_begin, int64_t(p.seg_chunks) * C);
   const int num_chunks = seg_len > 0 ? int((seg_len + C - 1) / C) : 0;
-  const bool last_seg = seg == p.num_segs - 1;
+  const bool last_seg = seg == final_seg;
   // token (row of the [B*T, H, D] inputs) at processing position pos
-  auto token = [&](int64_t pos) { return bos + (p.reverse ? len - 1 - pos : pos); };
+  auto token = [&](int64_t pos) { return bos + (flip ? len - 1 - pos : pos); };
+  // the chunk (in time order within the segment) walked c-th
+  auto time_chunk = [&](int c) { return chunks_reversed ? num_chunks - 1 - c : c; };
   // log gate applied to the state before position pos (see chunk.h for the reverse shift)
   auto gate_at_token = [&](int64_t t) -> float {   // clamped log gate of token t
     const float x = p.g != nullptr ? p.g[t * H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f);
@@ -217,11 +227,11 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     Elem* sq = q_buf + stage * Tr::kQK;
     Elem* sk = k_buf + stage * Tr::kQK;
     Elem* sv = v_buf + stage * Tr::kV;
-    const int64_t pos0 = seg_begin + int64_t(c) * C;
+    const int64_t pos0 = seg_begin + int64_t(time_chunk(c)) * C;
     // rows past the end are zero-filled (their pointers are never read)
     const int rows_left = int(min(int64_t(C), len - pos0));
     const int64_t qk_off = (token(pos0 + rq0) * H * DK + cq);
-    const int64_t qk_step = (p.reverse ? -kRowsQK : kRowsQK) * H * DK;
+    const int64_t qk_step = (flip ? -kRowsQK : kRowsQK) * H * DK;
     CUTE_UNROLL
     for (int j = 0; j < C / kRowsQK; ++j) {
       const bool valid = rq0 + j * kRowsQK < rows_left;
@@ -230,13 +240,13 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       cp_async_16(sk + smem_off_qk[j], k + off, valid);
     }
     const int64_t v_off = token(pos0 + rv0) * H * DV + cv;
-    const int64_t v_step = (p.reverse ? -kRowsV : kRowsV) * H * DV;
+    const int64_t v_step = (flip ? -kRowsV : kRowsV) * H * DV;
     CUTE_UNROLL
     for (int j = 0; j < C / kRowsV; ++j) {
       const bool valid = rv0 + j * kRowsV < rows_left;
       cp_async_16(sv + smem_off_v[j], v + (valid ? v_off + j * v_step : 0), valid);
     }
-    if (kGla && !p.state_only) {   // rows of the chunk's score tile: C elements each
+    if (kGla && !p.state_only && p.A != nullptr) {   // rows of the chunk's score tile: C elements each
       constexpr int kVecA = C / 8, kRowsA = kThreads / kVecA;
       const int ra0 = tid / kVecA, ca = tid % kVecA * 8;
       const int64_t a_off = token(pos0 + ra0) * H * C + ca;
@@ -290,14 +300,19 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   }
   // segment s > 0 of a split walk: fold in the segments before it, in order
   auto seg_state_off = [&](int s) { return ((int64_t(n) * p.num_segs + s) * H + h) * DK * DV + int64_t(tile) * BV; };
-  if (!p.state_only && seg > 0) {
-    for (int s = 0; s < seg; ++s) {
+  // GLA: one decay per key row, or per state column (decay_cols: tile columns of DV)
+  const int64_t decay_dim = kGla && p.decay_cols ? DV : DK;
+  const int walked_before = chunks_reversed ? p.num_segs - 1 - seg : seg;
+  if (!p.state_only && walked_before > 0) {
+    for (int i_s = 0; i_s < walked_before; ++i_s) {
+      const int s = chunks_reversed ? p.num_segs - 1 - i_s : i_s;
       const float* u = p.seg_states + seg_state_off(s);
-      if constexpr (kGla) {   // per key row: the product of the segment's chunk decays
-        const float* a = p.seg_gates + ((int64_t(n) * p.num_segs + s) * H + h) * DK;
+      if constexpr (kGla) {   // per key row (column): the product of the segment's chunk decays
+        const float* a = p.seg_gates + ((int64_t(n) * p.num_segs + s) * H + h) * decay_dim;
         CUTE_UNROLL
         for (int i = 0; i < size(accH); ++i)
-          accH(i) = a[get<0>(tHcH(i))] * accH(i) + u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))];
+          accH(i) = a[p.decay_cols ? tile * BV + get<1>(tHcH(i)) : get<0>(tHcH(i))] * accH(i) +
+                    u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))];
       } else {
         const float a = __expf(p.seg_gates[(int64_t(n) * p.num_segs + s) * H + h]);
         CUTE_UNROLL
@@ -308,8 +323,9 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   float gate_sum = 0.f;   // total log gate of this block's positions (state-only launch)
   // GLA: per key row, the product of the chunk decays of this block's positions (state-only
   // launch). m16n8 accumulators: values 0, 1 of an MMA sit on one row, 2, 3 eight rows below.
-  constexpr int kStateM = DK / 64;   // MMA_M of the state tile
+  constexpr int kStateM = DK / 64, kStateN = BV / 8;   // MMA_M, MMA_N of the state tile
   CUTE_STATIC_ASSERT_V(size<1>(accH) == Int<kStateM>{});
+  CUTE_STATIC_ASSERT_V(size<2>(accH) == Int<kStateN>{});
   float decay_prod[kStateM][2];
   CUTE_UNROLL
   for (int m = 0; m < kStateM; ++m) decay_prod[m][0] = decay_prod[m][1] = 1.f;
@@ -337,6 +353,52 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
         *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
             *reinterpret_cast<const cute::uint128_t*>(&sQ(r, col));
     }
+  };
+
+  // GLA state_dots: per column of the state, sum over rows of states_in[slot] * S. Each warp's
+  // column sums go to red_buf[c & 1][warp] (the dots partner stages, unused in GLA mode); the
+  // next chunk's barrier makes them visible and BV threads add the four warps up.
+  float* const red_buf = reinterpret_cast<float*>(dot_buf);   // [2][4][BV]
+  int64_t pending_slot = 0;
+  auto flush_state_dot = [&](int c) {
+    if (tid < BV) {
+      const float* r = red_buf + (c & 1) * 4 * BV;
+      p.state_dots[(pending_slot * H + h) * DV + tile * BV + tid] = (r[tid] + r[BV + tid]) + (r[2 * BV + tid] + r[3 * BV + tid]);
+    }
+  };
+  auto state_dot = [&](int64_t slot, int c) {
+    if (c > 0) flush_state_dot(c - 1);   // chunk c - 1's sums, visible since this chunk's barrier
+    const Elem* hin = static_cast<const Elem*>(p.states_in) + (slot * H + h) * DK * DV + tile * BV;
+    float part[kStateN][2];
+    CUTE_UNROLL
+    for (int nn = 0; nn < kStateN; ++nn) part[nn][0] = part[nn][1] = 0.f;
+    CUTE_UNROLL
+    for (int m = 0; m < kStateM; ++m)
+      CUTE_UNROLL
+      for (int nn = 0; nn < kStateN; ++nn)
+        CUTE_UNROLL
+        for (int v = 0; v < size<0>(accH); v += 2) {
+          cute::array<Elem, 2> x;
+          *reinterpret_cast<uint32_t*>(x.data()) =
+              *reinterpret_cast<const uint32_t*>(hin + get<0>(tHcH(v, m, nn)) * DV + get<1>(tHcH(v, m, nn)));
+          part[nn][0] += static_cast<float>(x[0]) * accH(v, m, nn);
+          part[nn][1] += static_cast<float>(x[1]) * accH(v + 1, m, nn);
+        }
+    CUTE_UNROLL
+    for (int nn = 0; nn < kStateN; ++nn)
+      CUTE_UNROLL
+      for (int e = 0; e < 2; ++e) {   // lanes with one lane % 4 hold one column
+        part[nn][e] += __shfl_xor_sync(0xffffffffu, part[nn][e], 4);
+        part[nn][e] += __shfl_xor_sync(0xffffffffu, part[nn][e], 8);
+        part[nn][e] += __shfl_xor_sync(0xffffffffu, part[nn][e], 16);
+      }
+    if (lane < 4) {
+      CUTE_UNROLL
+      for (int nn = 0; nn < kStateN; ++nn)
+        CUTE_UNROLL
+        for (int e = 0; e < 2; ++e) red_buf[((c & 1) * 4 + warp) * BV + get<1>(tHcH(e, 0, nn))] = part[nn][e];
+    }
+    pending_slot = slot;
   };
 
   if (num_chunks > 0) {
@@ -371,16 +433,26 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     // GLA: the chunk's per-key decay exp(G_last) of the state rows this thread holds; the
     // chunk's slot is its sequence's first slot plus its chunk index in the sequence
     float key_decay[kStateM][2];
+    float col_decay[kStateN][2];   // decay_cols: the decays of the state columns this thread holds
+    int64_t slot = 0;
     if constexpr (kGla) {
-      const int64_t slot = (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
-                           int64_t(seg) * p.seg_chunks + c;
-      const float* decay = p.key_decay + (slot * H + h) * DK;
+      slot = (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
+             int64_t(seg) * p.seg_chunks + time_chunk(c);
+      if (p.state_dots != nullptr && !p.state_only) state_dot(slot, c);
+      const float* decay = p.key_decay + (slot * H + h) * decay_dim;
+      if (p.decay_cols) {
+        CUTE_UNROLL
+        for (int nn = 0; nn < kStateN; ++nn)
+          CUTE_UNROLL
+          for (int e = 0; e < 2; ++e) col_decay[nn][e] = decay[tile * BV + get<1>(tHcH(e, 0, nn))];
+      } else {
       CUTE_UNROLL
       for (int m = 0; m < kStateM; ++m) {
         key_decay[m][0] = decay[get<0>(tHcH(0, m, 0))];
         key_decay[m][1] = decay[get<0>(tHcH(2, m, 0))];
         decay_prod[m][0] *= key_decay[m][0];
         decay_prod[m][1] *= key_decay[m][1];
+      }
       }
     }
 
@@ -402,14 +474,31 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     if constexpr (kGla) {
       if (!p.state_only) {
       // O = Q~ S * scale_inter + A V, with q~ = q exp(G) and the scores A made by gla_intra
+      // (backward: A^T when the chunks are walked in reverse, no A for the inter-chunk terms)
       Tensor sA = make_tensor(make_smem_ptr(a_buf + stage * C * C), typename Tr::LayoutA{});   // (C, C)
+      Tensor sAt = make_tensor(make_smem_ptr(a_buf + stage * C * C), typename Tr::LayoutAt{}); // (C, C) A^T
       Tensor accO = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
       clear(accO);
       gemm_ss<Tr>(accO, sQ, sHt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
       CUTE_UNROLL
       for (int i = 0; i < size(accO); ++i) accO(i) *= p.scale_inter;
-      gemm_ss<Tr>(accO, sA, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
-      store_output(accO, sQ, c);
+      if (p.A != nullptr) {
+        if (chunks_reversed)
+          gemm_ss<Tr>(accO, sAt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+        else
+          gemm_ss<Tr>(accO, sA, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
+      }
+      if (p.o_fp32) {
+        float* o = static_cast<float*>(p.o) + h * DV + tile * BV;
+        CUTE_UNROLL
+        for (int i = 0; i < size(accO); i += 2) {
+          const int64_t pos = seg_begin + int64_t(time_chunk(c)) * C + get<0>(tOcO(i));
+          if (pos < len)
+            *reinterpret_cast<float2*>(o + token(pos) * H * DV + get<1>(tOcO(i))) = make_float2(accO(i), accO(i + 1));
+        }
+      } else {
+        store_output(accO, sQ, time_chunk(c));
+      }
       }
     } else if (!p.state_only) {
     // P = (Q K^T) * D * scale_intra
@@ -481,13 +570,21 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     __syncthreads();                     // scaled v written; every warp is done with the state copy
     // S = exp(G_last) S + K^T Vs   (GLA: diag(exp(G_last)) S + K~^T V)
     if constexpr (kGla) {
+      // scale_update != 1 (backward): S = su * (decay S / su + K~^T V)
+      const bool scaled = p.scale_update != 1.f;
+      const float inv = scaled ? 1.f / p.scale_update : 1.f;
       CUTE_UNROLL
       for (int m = 0; m < kStateM; ++m)
         CUTE_UNROLL
-        for (int nn = 0; nn < size<2>(accH); ++nn)
+        for (int nn = 0; nn < kStateN; ++nn)
           CUTE_UNROLL
-          for (int v = 0; v < size<0>(accH); ++v) accH(v, m, nn) *= key_decay[m][v / 2];
+          for (int v = 0; v < size<0>(accH); ++v)
+            accH(v, m, nn) *= (p.decay_cols ? col_decay[nn][v % 2] : key_decay[m][v / 2]) * inv;
       gemm_ss<Tr>(accH, sKt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+      if (scaled) {
+        CUTE_UNROLL
+        for (int i = 0; i < size(accH); ++i) accH(i) *= p.scale_update;
+      }
     } else {
       const float a = __expf(g_last);
       CUTE_UNROLL
@@ -496,14 +593,38 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     }
     store_state_smem();
     if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
+    if (kGla && p.states_out != nullptr && !p.state_only) {   // the state after chunk `slot`
+      Elem* out = static_cast<Elem*>(p.states_out) + (slot * H + h) * DK * DV + tile * BV;
+      CUTE_UNROLL
+      for (int i = 0; i < size(accH); i += 2) {
+        cute::array<Elem, 2> x;
+        x[0] = static_cast<Elem>(accH(i));
+        x[1] = static_cast<Elem>(accH(i + 1));
+        *reinterpret_cast<uint32_t*>(out + get<0>(tHcH(i)) * DV + get<1>(tHcH(i))) =
+            *reinterpret_cast<const uint32_t*>(x.data());
+      }
+    }
+  }
+  if (kGla && p.state_dots != nullptr && !p.state_only && num_chunks > 0) {   // the last chunk's column sums
+    __syncthreads();
+    flush_state_dot(num_chunks - 1);
   }
 
   if (p.state_only) {
     float* u = p.seg_states + seg_state_off(seg);
     CUTE_UNROLL
     for (int i = 0; i < size(accH); ++i) u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))] = accH(i);
-    if constexpr (kGla) {   // the first lane of each quad holds distinct rows
-      if (tile == 0 && lane % 4 == 0) {
+    if constexpr (kGla) {
+      if (p.decay_cols) {   // per column: the product over the segment's chunks, from key_decay
+        const int64_t slot0 = (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
+                              int64_t(seg) * p.seg_chunks;
+        float* a = p.seg_gates + ((int64_t(n) * p.num_segs + seg) * H + h) * DV + tile * BV;
+        for (int col = tid; col < BV; col += kThreads) {
+          float prod = 1.f;
+          for (int cc = 0; cc < num_chunks; ++cc) prod *= p.key_decay[((slot0 + cc) * H + h) * DV + tile * BV + col];
+          a[col] = prod;
+        }
+      } else if (tile == 0 && lane % 4 == 0) {   // the first lane of each quad holds distinct rows
         float* a = p.seg_gates + ((int64_t(n) * p.num_segs + seg) * H + h) * DK;
         CUTE_UNROLL
         for (int m = 0; m < kStateM; ++m) {
@@ -518,7 +639,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   }
   if (p.ht != nullptr && last_seg) {
     // reverse: the first step's gate still applies (dL/dS_{-1} = exp(g_0) dL/dS_0)
-    const float a = (p.reverse && len > 0) ? __expf(gate_at_token(bos)) : 1.f;
+    const float a = (flip && len > 0) ? __expf(gate_at_token(bos)) : 1.f;
     CUTE_UNROLL
     for (int i = 0; i < size(accH); ++i)
       p.ht[state_off + get<0>(tHcH(i)) * p.state_stride_k + get<1>(tHcH(i)) * p.state_stride_v] = accH(i) * a;

@@ -49,4 +49,48 @@ struct GlaIntraParams {
 template <typename Elem, int DK>
 void run_gla_intra(const GlaIntraParams& p, cudaStream_t stream);
 
+// Backward (chunk_gla_bwd in chunk_api.cpp). The chunk pass in GLA mode makes, besides dv and
+// dh0, the inter-chunk parts of dq and dk without their gates (fp32, [B*T, H, K]):
+//
+//   P_t = scale * dO_t h_c^T,    R_t = v_t L_{c+1}^T      (h_c: state entering t's chunk,
+//                                                           L_{c+1}: dL/dh leaving it)
+//
+// and gla_bwd_intra finishes, per chunk, with dA = scale * dO V^T (j <= i):
+//
+//   dq_i = exp(G_i) P_i + sum_{j <= i} dA_ij k_j exp(G_i - G_j)
+//   dk_j = exp(G_last - G_j) R_j + sum_{i >= j} dA_ij q_i exp(G_i - G_j)
+//
+// off the diagonal sub-blocks on tensor cores through folds that never exceed 1 (dq: K at
+// the query sub-chunk's first row, dk: Q at the key sub-chunk's last row), on them pair by
+// pair in fp32. The gate gradient (reference/chunk_gla.py)
+//
+//   dgk_t = sum_{s >= t} (q_s dq_s - k_s dk_s) + rowsum(ht * dht)
+//
+// is that sum to the chunk's end plus rowsum(h_{c+1} * L_{c+1}) (= dgk at the next chunk's
+// first step): the forward-walk pass stores h after each chunk, the reverse-walk pass forms
+// the row sums against its state (state_dots). Summing the terms of later chunks instead
+// would add up their bf16-operand errors over the whole sequence (and they cancel).
+struct GlaBwdIntraParams {
+  const void* q;
+  const void* k;
+  const void* g;
+  bool g_fp32;
+  const void* v;
+  const void* dout;
+  const float* dq_inter;         // P [B*T, H, K]
+  const float* dk_inter;         // R [B*T, H, K]
+  void* dq;                      // [B*T, H, K] input dtype
+  void* dk;
+  const float* state_dots;       // [slots, H, K]
+  void* dg;                      // [B*T, H, K] g's dtype; 0 where g was clamped
+  const int64_t* cu_seqlens;     // [N + 1] or null
+  const int64_t* chunk_offsets;  // [N + 1] with cu_seqlens
+  int B, T, H, N, K, V;
+  int slots;
+  float scale;
+};
+
+template <typename Elem>
+void run_gla_bwd_intra(const GlaBwdIntraParams& p, cudaStream_t stream);
+
 }  // namespace fla

@@ -31,6 +31,56 @@ template <typename Elem> CUTE_HOST_DEVICE constexpr float max_fold_span2() {
   return std::is_same_v<Elem, cute::half_t> ? 8.f : 60.f * kLog2e;
 }
 
+// The chunk held by grid slot `slot` (gla.h): its sequence's first token and length, and its
+// index in the sequence; false for slots past the last chunk of a packed batch.
+struct ChunkLoc {
+  int64_t bos, len, c;
+};
+__device__ __forceinline__ bool locate_chunk(int slot, const int64_t* cu_seqlens, const int64_t* chunk_offsets,
+                                             int N, int T, ChunkLoc& loc) {
+  if (cu_seqlens != nullptr) {   // the sequence holding this slot: chunk_offsets[n] <= slot < [n + 1]
+    if (slot >= chunk_offsets[N]) return false;
+    int lo = 0, hi = N;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (chunk_offsets[mid] <= slot) lo = mid; else hi = mid;
+    }
+    loc.bos = cu_seqlens[lo];
+    loc.len = cu_seqlens[lo + 1] - loc.bos;
+    loc.c = slot - chunk_offsets[lo];
+  } else {
+    const int64_t chunks = (T + kChunk - 1) / kChunk;
+    loc.bos = slot / chunks * T;
+    loc.len = T;
+    loc.c = slot % chunks;
+  }
+  return true;
+}
+
+// Raw gates of rows row0..row0+R-1 of one column (zeros past `rows`), fp32 or Elem in memory.
+template <typename Elem, int R>
+__device__ __forceinline__ void load_gate_rows(float (&rg)[R], const void* g, bool g_fp32, int64_t off,
+                                               int64_t row_stride, int row0, int rows) {
+  if (g_fp32) {
+    const float* gp = static_cast<const float*>(g) + off + row0 * row_stride;
+    CUTE_UNROLL
+    for (int i = 0; i < R; ++i) rg[i] = row0 + i < rows ? gp[i * row_stride] : 0.f;
+  } else {
+    const Elem* gp = static_cast<const Elem*>(g) + off + row0 * row_stride;
+    CUTE_UNROLL
+    for (int i = 0; i < R; ++i) rg[i] = row0 + i < rows ? static_cast<float>(gp[i * row_stride]) : 0.f;
+  }
+}
+
+// In place: clamped raw gates -> their running sums in log2 units (the forward and the
+// backward must see the same G).
+template <int R>
+__device__ __forceinline__ void scan_gate_rows(float (&rg)[R]) {
+  rg[0] = fmaxf(rg[0], kMinLogGate) * kLog2e;
+  CUTE_UNROLL
+  for (int i = 1; i < R; ++i) rg[i] = rg[i - 1] + fmaxf(rg[i], kMinLogGate) * kLog2e;
+}
+
 template <typename Elem_, int DK_>
 struct IntraTraits {
   using Elem = typename CuteType<Elem_>::type;
@@ -68,25 +118,10 @@ __global__ void __launch_bounds__(128) gla_intra_kernel(const __grid_constant__ 
 
   const int slot = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t H = p.H;
-  int64_t bos, len, c;
-  if (p.cu_seqlens != nullptr) {   // the sequence holding this slot: chunk_offsets[n] <= slot < [n + 1]
-    if (slot >= p.chunk_offsets[p.N]) return;
-    int lo = 0, hi = p.N;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (p.chunk_offsets[mid] <= slot) lo = mid; else hi = mid;
-    }
-    bos = p.cu_seqlens[lo];
-    len = p.cu_seqlens[lo + 1] - bos;
-    c = slot - p.chunk_offsets[lo];
-  } else {
-    const int64_t chunks = (p.T + C - 1) / C;
-    bos = slot / chunks * p.T;
-    len = p.T;
-    c = slot % chunks;
-  }
-  const int64_t t0 = bos + c * C;                          // the chunk's first token
-  const int rows = int(min(int64_t(C), len - c * C));      // rows past it are zeros, gates 0
+  ChunkLoc loc;
+  if (!locate_chunk(slot, p.cu_seqlens, p.chunk_offsets, p.N, p.T, loc)) return;
+  const int64_t t0 = loc.bos + loc.c * C;                          // the chunk's first token
+  const int rows = int(min(int64_t(C), loc.len - loc.c * C));      // rows past it are zeros, gates 0
   const int64_t row_stride = H * DK;
   const int64_t head_off = (t0 * H + h) * DK;              // element (row 0, column 0) of the chunk
 
@@ -108,15 +143,7 @@ __global__ void __launch_bounds__(128) gla_intra_kernel(const __grid_constant__ 
         rk[m] = *reinterpret_cast<const Vec*>(k + r * row_stride + cc);
       }
     }
-    if (p.g_fp32) {
-      const float* g = static_cast<const float*>(p.g) + head_off + col0 + gcol + grow0 * row_stride;
-      CUTE_UNROLL
-      for (int i = 0; i < C / 2; ++i) rg[i] = grow0 + i < rows ? g[i * row_stride] : 0.f;
-    } else {
-      const Elem* g = static_cast<const Elem*>(p.g) + head_off + col0 + gcol + grow0 * row_stride;
-      CUTE_UNROLL
-      for (int i = 0; i < C / 2; ++i) rg[i] = grow0 + i < rows ? static_cast<float>(g[i * row_stride]) : 0.f;
-    }
+    load_gate_rows<Elem>(rg, p.g, p.g_fp32, head_off + col0 + gcol, row_stride, grow0, rows);
   };
 
   typename Tr::TiledMma mma;
@@ -151,9 +178,7 @@ __global__ void __launch_bounds__(128) gla_intra_kernel(const __grid_constant__ 
       *reinterpret_cast<Vec*>(sQ + r * KS + cc) = rq[m];
       *reinterpret_cast<Vec*>(sK + r * KS + cc) = rk[m];
     }
-    rg[0] = fmaxf(rg[0], kMinLogGate) * kLog2e;
-    CUTE_UNROLL
-    for (int i = 1; i < C / 2; ++i) rg[i] = rg[i - 1] + fmaxf(rg[i], kMinLogGate) * kLog2e;
+    scan_gate_rows(rg);
     // does a sub-chunk of this half decay too strongly to fold its diagonal block?
     const bool strong = rg[S - 1] - rg[0] < -max_fold_span2<Elem>() || rg[2 * S - 1] - rg[S] < -max_fold_span2<Elem>();
     sTot[ghalf * KS + gcol] = rg[C / 2 - 1];
