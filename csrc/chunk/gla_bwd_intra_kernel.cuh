@@ -33,7 +33,7 @@ struct BwdIntraTraits {
   static constexpr int kFoldRows = 96;
   static constexpr int LDF = KS + 8;   // fp32 scratch rows, padded against bank conflicts
   static constexpr int kElems = 2 * C * KS + 2 * kFoldRows * KS + 2 * C * C;
-  static constexpr int kFloats = C * KS + C * LDF + 2 * KS + 4 * KS + 4 * S * (S + 1);
+  static constexpr int kFloats = C * KS + C * LDF + 2 * KS + 4 * KS + 4 * S * (S + 1) + 2 * KS;
   static constexpr int kSmemBytes = kElems * int(sizeof(Elem)) + kFloats * 4;
   static_assert(C * LDF * 4 >= 2 * C * KS * int(sizeof(Elem)), "dO, V slices alias the fp32 scratch");
 };
@@ -60,6 +60,7 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   float* const sTot = sBuf + C * LDF;                        // [2][KS] gate totals of the two halves
   float* const sWT = sTot + 2 * KS;                          // [4][KS] per-warp sums of d
   float* const sAd = sWT + 4 * KS;                           // [4][S][S+1] diagonal blocks of dA
+  uint32_t* const sClamp = reinterpret_cast<uint32_t*>(sAd + 4 * S * (S + 1));   // [2][KS] clamped-row bits
   Elem* const sDO = reinterpret_cast<Elem*>(sBuf);           // step 1 only: (C, KS) dO, V slices
   Elem* const sV = sDO + C * KS;
 
@@ -159,6 +160,10 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
         *reinterpret_cast<Vec*>(sQ + r * KS + c8) = a;
         *reinterpret_cast<Vec*>(sK + r * KS + c8) = b;
       }
+      uint32_t clamped = 0;   // rows (of this half) whose gate the scan clamps: dg is 0 there
+      CUTE_UNROLL
+      for (int i = 0; i < C / 2; ++i) clamped |= uint32_t(rg[i] < kMinLogGate) << i;
+      sClamp[ghalf * KS + gcol] = clamped;
       scan_gate_rows(rg);
       sTot[ghalf * KS + gcol] = rg[C / 2 - 1];
       __syncthreads();
@@ -198,15 +203,17 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
     }
     __syncthreads();
 
-    // off-diagonal blocks on tensor cores
-    Tensor acc_dq = partition_fragment_C(mma, Shape<Int<C>, Int<KS>>{});   // (MMA, MMA_M, MMA_N)
-    Tensor acc_dk = partition_fragment_C(mma, Shape<Int<C>, Int<KS>>{});
-    clear(acc_dq);
-    clear(acc_dk);
-    gemm_ss<Tr>(acc_dq, tAh, sKfW, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid, 0, warp);
-    gemm_ss<Tr>(acc_dq, tAl, sKfW, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid, 0, warp);
-    gemm_ss<Tr>(acc_dk, tAht, sQfW, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid, warp + 1, 4);
-    gemm_ss<Tr>(acc_dk, tAlt, sQfW, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid, warp + 1, 4);
+    // the epilogue's global reads, in flight during the products (R: during dq's epilogue)
+    const int64_t out0 = head_off + col0 + cc;
+    float2 pin[S], rin[S];
+    auto load_rows = [&](float2 (&x)[S], const float* src) {
+      CUTE_UNROLL
+      for (int i = 0; i < S; ++i)
+        x[i] = r_w + i < rows ? __ldg(reinterpret_cast<const float2*>(src + out0 + (r_w + i) * row_stride))
+                              : make_float2(0.f, 0.f);
+    };
+    load_rows(pin, p.dq_inter);
+    const float2 next = __ldg(reinterpret_cast<const float2*>(p.state_dots + (int64_t(slot) * H + h) * K + col0 + cc));
 
     // diagonal block pair by pair: 2^(G_i - G_j) <= 1 for j <= i
     float dq_d[S][2], dk_d[S][2];
@@ -229,19 +236,23 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
 
     // epilogue: warp w finishes rows r_w..r_w+15 of dq, then of dk, through sBuf
     const float2 g_q = g_at(r_w), g_k = g_at(r_w + S - 1), g_last = g_at(C - 1);
-    const int64_t out0 = head_off + col0 + cc;
+    load_rows(rin, p.dk_inter);
     float d[S][2];   // q dq, then q dq - k dk
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_dq); ++i) tXsBuf(i) = acc_dq(i);
+    {   // off-diagonal blocks on tensor cores (one accumulator live at a time: registers)
+      Tensor acc_dq = partition_fragment_C(mma, Shape<Int<C>, Int<KS>>{});   // (MMA, MMA_M, MMA_N)
+      clear(acc_dq);
+      gemm_ss<Tr>(acc_dq, tAh, sKfW, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid, 0, warp);
+      gemm_ss<Tr>(acc_dq, tAl, sKfW, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid, 0, warp);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dq); ++i) tXsBuf(i) = acc_dq(i);
+    }
     __syncwarp();
     CUTE_UNROLL
     for (int i = 0; i < S; ++i) {
       const int r = r_w + i;
       const float2 g = g_at(r), qi = pair_at(sQ + r * KS + cc);
-      float2 pin = make_float2(0.f, 0.f);
-      if (r < rows) pin = *reinterpret_cast<const float2*>(p.dq_inter + out0 + r * row_stride);
-      const float x0 = exp2_ftz(g.x) * pin.x + exp2_ftz(g.x - g_q.x) * sBuf[r * LDF + cc] + dq_d[i][0];
-      const float x1 = exp2_ftz(g.y) * pin.y + exp2_ftz(g.y - g_q.y) * sBuf[r * LDF + cc + 1] + dq_d[i][1];
+      const float x0 = exp2_ftz(g.x) * pin[i].x + exp2_ftz(g.x - g_q.x) * sBuf[r * LDF + cc] + dq_d[i][0];
+      const float x1 = exp2_ftz(g.y) * pin[i].y + exp2_ftz(g.y - g_q.y) * sBuf[r * LDF + cc + 1] + dq_d[i][1];
       d[i][0] = qi.x * x0;
       d[i][1] = qi.y * x1;
       if (r < rows) {
@@ -253,17 +264,21 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       }
     }
     __syncwarp();
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_dk); ++i) tXsBuf(i) = acc_dk(i);
+    {
+      Tensor acc_dk = partition_fragment_C(mma, Shape<Int<C>, Int<KS>>{});   // (MMA, MMA_M, MMA_N)
+      clear(acc_dk);
+      gemm_ss<Tr>(acc_dk, tAht, sQfW, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid, warp + 1, 4);
+      gemm_ss<Tr>(acc_dk, tAlt, sQfW, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid, warp + 1, 4);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dk); ++i) tXsBuf(i) = acc_dk(i);
+    }
     __syncwarp();
     CUTE_UNROLL
     for (int i = 0; i < S; ++i) {
       const int r = r_w + i;
       const float2 g = g_at(r), ki = pair_at(sK + r * KS + cc);
-      float2 rin = make_float2(0.f, 0.f);
-      if (r < rows) rin = *reinterpret_cast<const float2*>(p.dk_inter + out0 + r * row_stride);
-      const float x0 = exp2_ftz(g_last.x - g.x) * rin.x + exp2_ftz(g_k.x - g.x) * sBuf[r * LDF + cc] + dk_d[i][0];
-      const float x1 = exp2_ftz(g_last.y - g.y) * rin.y + exp2_ftz(g_k.y - g.y) * sBuf[r * LDF + cc + 1] + dk_d[i][1];
+      const float x0 = exp2_ftz(g_last.x - g.x) * rin[i].x + exp2_ftz(g_k.x - g.x) * sBuf[r * LDF + cc] + dk_d[i][0];
+      const float x1 = exp2_ftz(g_last.y - g.y) * rin[i].y + exp2_ftz(g_k.y - g.y) * sBuf[r * LDF + cc + 1] + dk_d[i][1];
       d[i][0] -= ki.x * x0;
       d[i][1] -= ki.y * x1;
       if (r < rows) {
@@ -291,22 +306,18 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       later0 += sWT[w * KS + cc];
       later1 += sWT[w * KS + cc + 1];
     }
-    const float2 next = *reinterpret_cast<const float2*>(p.state_dots + (int64_t(slot) * H + h) * K + col0 + cc);
     later0 += next.x;
     later1 += next.y;
+    // clamped gates: no gradient (bits of the rows r_w.. of columns cc, cc + 1)
+    const int half = r_w / (C / 2), bit0 = r_w % (C / 2);
+    const uint32_t clamp0 = sClamp[half * KS + cc] >> bit0, clamp1 = sClamp[half * KS + cc + 1] >> bit0;
     CUTE_UNROLL
     for (int i = 0; i < S; ++i) {
       const int r = r_w + i;
       if (r < rows) {
         const int64_t off = out0 + r * row_stride;
-        float2 graw;
-        if (p.g_fp32) {
-          graw = *reinterpret_cast<const float2*>(static_cast<const float*>(p.g) + off);
-        } else {
-          graw = pair_at(static_cast<const Elem*>(p.g) + off);
-        }
-        const float x0 = graw.x < kMinLogGate ? 0.f : d[i][0] + later0;   // clamped gates: no gradient
-        const float x1 = graw.y < kMinLogGate ? 0.f : d[i][1] + later1;
+        const float x0 = (clamp0 >> i) & 1u ? 0.f : d[i][0] + later0;
+        const float x1 = (clamp1 >> i) & 1u ? 0.f : d[i][1] + later1;
         if (p.g_fp32) {
           *reinterpret_cast<float2*>(static_cast<float*>(p.dg) + off) = make_float2(x0, x1);
         } else {
