@@ -75,7 +75,8 @@ import torch.nn.functional as F  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 # Machine ceilings (BUILD_NOTES.md, measured on the H100 80GB HBM3 of the GPU host)
 # ----------------------------------------------------------------------------------------------
-COPY_BW = 3.02e12          # bytes/s, device-to-device copy counting bytes read + written
+COPY_BW = 3.02e12          # bytes/s, device-to-device copy counting bytes read + written (H100;
+                           # a GPU run measures its own at the start: measure_copy_bw)
 MATMUL_FLOPS = 785e12      # flop/s, dense bf16 matmul
 L2_BYTES = 50e6            # H100 L2
 CHUNK = 64                 # chunk size of the chunkwise FLOP model
@@ -241,8 +242,8 @@ def op_flops(op: OpSpec, mode: str, B: int, T: int, H: int, K: int, V: int, C: i
     return 3 * f if mode == "fwdbwd" else f
 
 
-def floors(nbytes: float, flops: float, bw: float = COPY_BW, peak: float = MATMUL_FLOPS) -> dict:
-    mem_ms = nbytes / bw * 1e3
+def floors(nbytes: float, flops: float, bw: float | None = None, peak: float = MATMUL_FLOPS) -> dict:
+    mem_ms = nbytes / (COPY_BW if bw is None else bw) * 1e3
     flop_ms = flops / peak * 1e3
     return {"mem_floor_ms": mem_ms, "flop_floor_ms": flop_ms, "floor_ms": max(mem_ms, flop_ms)}
 
@@ -639,6 +640,15 @@ def versions() -> dict:
     return v
 
 
+def measure_copy_bw(device, nbytes: int = 1 << 29) -> float:
+    """Bytes read + written per second by a device-to-device copy of nbytes (median of do_bench)."""
+    from triton.testing import do_bench
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100)
+    return 2 * nbytes / (ms * 1e-3)
+
+
 def gpu_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
@@ -747,8 +757,9 @@ FLOOR_DOC = """\
 Floors: `floor ms` = max(memory floor, compute floor); `x floor` = ms / floor ms (1.00x is the
 roofline). Memory floor: every input read once and every output written once at its own element
 size (bf16 2 B, fp32 gates and states 4 B); fwdbwd adds a backward that reads the inputs and `do`
-once and writes one gradient per differentiable input; bytes / 3.02 TB/s (H100 device-to-device
-copy, read + written). Compute floor: tensor-core FLOPs of the chunkwise algorithm, chunk C = 64,
+once and writes one gradient per differentiable input; bytes / the device-to-device copy
+bandwidth measured at the start of the run (read + written; `copy bandwidth` above; 3.02 TB/s on
+the H100). Compute floor: tensor-core FLOPs of the chunkwise algorithm, chunk C = 64,
 per token and head: linear attention / simple GLA / GLA 4KV + 2C(K+V); (gated) delta rule
 6KV + 6CK + 4CV + C^2/3; IPLR / DPLR 8KV + 10CK + 8CV + C^2/3; backward = 2x forward; decode steps
 4KV / 6KV / 8KV; FLOPs / 785 TFLOP/s (dense bf16 matmul). `vs FLA`, `vs SDPA` = their ms / our ms
@@ -766,6 +777,7 @@ def write_results_md(path: str, rows: list[dict], meta: dict, png: str | None = 
              f"- torch {v.get('torch')} (CUDA {v.get('cuda')}), triton {v.get('triton')}, "
              f"FLA {v.get('fla')}, fla_cuda {v.get('fla_cuda')}, Python {v.get('python')}",
              f"- commit: {meta.get('commit')}",
+             f"- copy bandwidth: {meta.get('copy_bw', COPY_BW) / 1e12:.2f} TB/s",
              f"- command: `{meta.get('command')}`",
              "", "Rows come from the latest run of each (op, mode, shape); each keeps its own date "
              "and commit in the JSON.", "",
@@ -985,9 +997,13 @@ class Runner:
         return row
 
     def cuda_warmup(self):
-        """CUDA context, cuBLAS and SDPA kernels up before the first timed first call."""
+        """CUDA context, cuBLAS and SDPA kernels up before the first timed first call; the copy
+        bandwidth of this GPU for the memory floors."""
         if self.device.type != "cuda":
             return
+        global COPY_BW
+        COPY_BW = measure_copy_bw(self.device)
+        self.log(f"device-to-device copy: {COPY_BW / 1e12:.2f} TB/s (read + written): the memory floors' bandwidth")
         x = torch.randn(256, 256, device=self.device, dtype=self.dtype)
         (x @ x).sum().item()
         q = torch.randn(1, 2, 128, 64, device=self.device, dtype=self.dtype, requires_grad=True)

@@ -26,10 +26,10 @@ STABLE_TORCH_LIBRARY(fla_cuda, m) {
   m.def(
       "chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
       "Tensor? chunk_offsets, float scale, bool output_final_state) -> (Tensor o, Tensor ht, Tensor q_gated, "
-      "Tensor k_gated, Tensor A, Tensor key_decay)");
+      "Tensor k_gated, Tensor A, Tensor A_lo, Tensor key_decay)");
   m.def(
       "chunk_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
-      "Tensor? chunk_offsets, Tensor q_gated, Tensor k_gated, Tensor A, Tensor key_decay, Tensor do, "
+      "Tensor? chunk_offsets, Tensor q_gated, Tensor k_gated, Tensor A, Tensor A_lo, Tensor key_decay, Tensor do, "
       "Tensor? dht, float scale, bool need_dh0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)");
   m.def(
       "linear_attn_normalize_fwd(Tensor o_raw, Tensor q, Tensor k, Tensor? z0, Tensor? cu_seqlens, "

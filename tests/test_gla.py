@@ -66,9 +66,13 @@ def run_case(op, *, B=2, T=50, H=2, K=32, V=32, dtype=F32, gk=True, gv=False, ga
         names = list(x)
         g_out = grads(outs, [x[n] for n in names], cots)
         g_ref = grads(refs, [ref_x[n] for n in names], [do] + ([dht] if final else []))
+        # the chunk kernels' gate gradient is a sum of cancelling terms q dq - k dk from bf16
+        # tensor-core operands: held to the chunk-kernel bound (tests/test_gla_chunk_cuda.py)
+        kernel_dg = op == "chunk" and device == "cuda" and dtype in (BF16, torch.float16)
         for n, a, r in zip(names, g_out, g_ref):
             assert a is not None and a.dtype == x[n].dtype, n
-            assert_close(f"d{n}", r, a, tol if dtype != F32 else 5 * tol)
+            t = tol if dtype != F32 else 5 * tol
+            assert_close(f"d{n}", r, a, max(t, 5e-2) if (kernel_dg and n == "gk") else t)
     return o, ht
 
 

@@ -66,6 +66,7 @@ struct ChunkParams {
   // state decays per key row by key_decay. No gates, reverse or dots; split walks keep one
   // decay per key row and segment in seg_gates ([N*NS, H, DK], products, not logs).
   const void* A;               // [B*T, H, C] input dtype
+  const void* A_lo;            // [B*T, H, C] input dtype, or null (not with state_dots)
   const float* key_decay;      // [chunk slots, H, DK] exp(G_last) of each chunk
   const int64_t* chunk_offsets;   // [N + 1] first slot of each sequence (with cu_seqlens)
   // GLA-mode passes of the backward (chunk_gla_bwd in chunk_api.cpp):
@@ -73,17 +74,19 @@ struct ChunkParams {
   //    alignment staying those of the forward (so A and key_decay slots match), reads A
   //    transposed, and the final state is the one before the first chunk;
   //  - decay_cols decays the state's columns instead of its rows (transposed states);
-  //  - A == nullptr drops the intra-chunk term; scale_update scales K~^T V;
+  //  - A == nullptr drops the intra-chunk term; A_lo (may be null) adds A_lo V for scores
+  //    to about 16 bits (dv); scale_update scales K~^T V;
   //  - o_fp32: o is an fp32 tensor, written from the accumulators;
-  //  - states_out: the state after each chunk, in the input dtype, [slots, H, DK, DV] (the
-  //    pass's own orientation), at the chunk's slot;
+  //  - states_out: the state after each chunk, fp32 (the row sums below cancel; FLA keeps
+  //    these states in fp32 too), [slots, H, DK, DV] (the pass's own orientation), at the
+  //    chunk's slot;
   //  - states_in + state_dots: per state column, sum over rows of states_in[slot] * S with S
   //    the state entering the chunk from the walk's past, [slots, H, DV] fp32 (dg of GLA:
   //    rowsum(h_{c+1} * dL/dh_{c+1}) from the forward walk's states and the reverse walk's).
   bool decay_cols;
   bool o_fp32;
-  void* states_out;
-  const void* states_in;
+  float* states_out;
+  const float* states_in;
   float* state_dots;
 };
 

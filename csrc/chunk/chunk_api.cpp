@@ -234,7 +234,7 @@ void gla_dtype_switch(const Tensor& q, Launch&& launch) {
 }  // namespace
 
 // GLA: gla_intra (gated q, k, scores, key decays), then the pass in GLA mode (gla.h).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
     Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens,
     std::optional<Tensor> chunk_offsets, double scale, bool output_final_state) {
   const Dims d = check_inputs(q, k, v, std::nullopt, std::nullopt, cu_seqlens);
@@ -243,6 +243,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
   Tensor q_gated = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
   Tensor k_gated = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
   Tensor A = torch::stable::new_empty(q, {d.B, d.T, d.H, int64_t(kChunk)});
+  Tensor A_lo = torch::stable::new_empty(q, {d.B, d.T, d.H, int64_t(kChunk)});
   Tensor key_decay = empty_f32(q, {slots, d.H, d.K});
   Tensor o = torch::stable::new_empty(q, {d.B, d.T, d.H, d.V});
   Tensor ht = output_final_state ? empty_f32(q, {d.N, d.H, d.K, d.V}) : nothing(q);
@@ -256,6 +257,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
   ip.q_gated = q_gated.data_ptr();
   ip.k_gated = k_gated.data_ptr();
   ip.A = A.data_ptr();
+  ip.A_lo = A_lo.data_ptr();
   ip.key_decay = static_cast<float*>(key_decay.data_ptr());
   ip.cu_seqlens = cu_seqlens.has_value() ? static_cast<const int64_t*>(cu_seqlens->data_ptr()) : nullptr;
   ip.chunk_offsets = offsets;
@@ -286,11 +288,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
     }
   });
   run_pass<true>(p, q, stream);
-  return {o, ht, q_gated, k_gated, A, key_decay};
+  return {o, ht, q_gated, k_gated, A, A_lo, key_decay};
 }
 
-// GLA backward (gla.h), from the forward's q~, k~, A and key decays, with L = dLoss/dh:
-//   dv, dh0 = pass(k~, q~, do; A^T; state dht, chunks in reverse)     scales (1, -, s)
+// GLA backward (gla.h), from the forward's q~, k~, A (+ A_lo) and key decays, with L = dLoss/dh:
+//   dv, dh0 = pass(k~, q~, do; A^T + A_lo^T; state dht, chunks in reverse)   scales (1, -, s)
 //   P       = pass(do, v, k~; state h0^T, column decays), fp32       scales (s, -, 1)
 //             and h^T after each chunk (states)
 //   R       = pass(v, do, q~; state dht^T, column decays, reverse)   scales (1, -, s)
@@ -298,8 +300,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
 //   dq, dk, dg = gla_bwd_intra(q, k, g, v, do, P, R, state_dots)
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
     Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens,
-    std::optional<Tensor> chunk_offsets, Tensor q_gated, Tensor k_gated, Tensor A, Tensor key_decay, Tensor dout,
-    std::optional<Tensor> dht, double scale, bool need_dh0) {
+    std::optional<Tensor> chunk_offsets, Tensor q_gated, Tensor k_gated, Tensor A, Tensor A_lo, Tensor key_decay,
+    Tensor dout, std::optional<Tensor> dht, double scale, bool need_dh0) {
   const Dims d = check_inputs(q, k, v, std::nullopt, std::nullopt, cu_seqlens);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   const int64_t slots = check_gla(q, g, cu_seqlens, chunk_offsets, d);
@@ -308,9 +310,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
     check_sizes(*t, name, {d.B, d.T, d.H, d.K});
     STD_TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fla_cuda: q_gated and k_gated must have q's dtype");
   }
-  check_cuda_tensor(A, "A", q);
-  check_sizes(A, "A", {d.B, d.T, d.H, int64_t(kChunk)});
-  STD_TORCH_CHECK(A.scalar_type() == q.scalar_type(), "fla_cuda: A must have q's dtype");
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&A, "A"}, {&A_lo, "A_lo"}}) {
+    check_cuda_tensor(*t, name, q);
+    check_sizes(*t, name, {d.B, d.T, d.H, int64_t(kChunk)});
+    STD_TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fla_cuda: A and A_lo must have q's dtype");
+  }
   check_cuda_tensor(key_decay, "key_decay", q);
   check_sizes(key_decay, "key_decay", {slots, d.H, d.K});
   STD_TORCH_CHECK(key_decay.scalar_type() == ScalarType::Float, "fla_cuda: key_decay must be float32");
@@ -329,7 +333,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
   Tensor dq_inter = empty_f32(q, {d.B, d.T, d.H, d.K});
   Tensor dk_inter = empty_f32(q, {d.B, d.T, d.H, d.K});
   Tensor dg = torch::stable::new_empty(g, {d.B, d.T, d.H, d.K});
-  Tensor states = torch::stable::new_empty(q, {slots, d.H, d.V, d.K});
+  Tensor states = empty_f32(q, {slots, d.H, d.V, d.K});
   Tensor state_dots = empty_f32(q, {slots, d.H, d.K});
   Tensor dh0 = need_dh0 ? empty_f32(q, {d.N, d.H, d.K, d.V}) : nothing(q);
 
@@ -344,6 +348,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
   pv.h0 = dhtp;
   pv.ht = need_dh0 ? static_cast<float*>(dh0.data_ptr()) : nullptr;
   pv.A = A.data_ptr();
+  pv.A_lo = A_lo.data_ptr();
   pv.scale_update = s;
   pv.reverse = true;
   run_pass<true>(pv, q, stream);
@@ -354,7 +359,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
   pp.state_stride_v = d.V;
   pp.scale_inter = s;
   pp.decay_cols = pp.o_fp32 = true;
-  pp.states_out = states.data_ptr();
+  pp.states_out = static_cast<float*>(states.data_ptr());
   run_pass<true>(pp, q, stream);
 
   ChunkParams pr = gla_pass(v, dout, q_gated, dk_inter);   // the state is L^T [V, K]
@@ -363,7 +368,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
   pr.state_stride_v = d.V;
   pr.scale_update = s;
   pr.reverse = pr.decay_cols = pr.o_fp32 = true;
-  pr.states_in = states.data_ptr();
+  pr.states_in = static_cast<const float*>(states.data_ptr());
   pr.state_dots = static_cast<float*>(state_dots.data_ptr());
   run_pass<true>(pr, q, stream);
 

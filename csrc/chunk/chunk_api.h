@@ -20,10 +20,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
     double scale, bool need_dg, bool need_dh0);
 
 // Chunkwise GLA forward: o [B,T,H,V] (input dtype), ht [N,H,K,V] fp32 (empty unless
-// output_final_state), and what the backward reads (gla.h): q_gated, k_gated [B,T,H,K], A
-// [B,T,H,64] (input dtype), key_decay [slots,H,K] fp32. g [B,T,H,K] log gates, fp32 or the
+// output_final_state), and what the backward reads (gla.h): q_gated, k_gated [B,T,H,K], A and
+// A_lo [B,T,H,64] (input dtype), key_decay [slots,H,K] fp32. g [B,T,H,K] log gates, fp32 or the
 // input dtype; chunk_offsets [N + 1] (first chunk of each packed sequence) with cu_seqlens.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
     Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens,
     std::optional<Tensor> chunk_offsets, double scale, bool output_final_state);
 
@@ -31,7 +31,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
 // dtype; 0 where g < -1e4, which the kernels clamp), dh0 [N,H,K,V] fp32 (empty unless need_dh0).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
     Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens,
-    std::optional<Tensor> chunk_offsets, Tensor q_gated, Tensor k_gated, Tensor A, Tensor key_decay, Tensor dout,
-    std::optional<Tensor> dht, double scale, bool need_dh0);
+    std::optional<Tensor> chunk_offsets, Tensor q_gated, Tensor k_gated, Tensor A, Tensor A_lo, Tensor key_decay,
+    Tensor dout, std::optional<Tensor> dht, double scale, bool need_dh0);
 
 }  // namespace fla

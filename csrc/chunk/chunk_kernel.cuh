@@ -265,6 +265,24 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       }
     }
   };
+  // GLA A_lo: one stage in the dots partner buffer (unused in GLA mode), loaded after the
+  // previous chunk's products (the barrier before the state update) and waited for with the
+  // next chunk.
+  static_assert(!kGla || 2 * Tr::kV >= C * C, "A_lo fits the dots partner stages");
+  Elem* const alo_buf = dot_buf;
+  auto load_alo = [&](int c) {
+    constexpr int kVecA = C / 8, kRowsA = kThreads / kVecA;
+    const int ra0 = tid / kVecA, ca = tid % kVecA * 8;
+    const int64_t pos0 = seg_begin + int64_t(time_chunk(c)) * C;
+    const int rows_left = int(min(int64_t(C), len - pos0));
+    const int64_t a_off = token(pos0 + ra0) * H * C + ca;
+    CUTE_UNROLL
+    for (int j = 0; j < C / kRowsA; ++j) {
+      const bool valid = ra0 + j * kRowsA < rows_left;
+      cp_async_16(alo_buf + typename Tr::LayoutA{}(ra0 + j * kRowsA, ca),
+                  static_cast<const Elem*>(p.A_lo) + h * C + (valid ? a_off + j * kRowsA * H * C : 0), valid);
+    }
+  };
   // Warp 0 fetches a chunk's raw gates early and scans them late (latency hidden).
   float raw_gate0 = 0.f, raw_gate1 = 0.f;
   auto fetch_gates = [&](int c) {
@@ -368,7 +386,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   };
   auto state_dot = [&](int64_t slot, int c) {
     if (c > 0) flush_state_dot(c - 1);   // chunk c - 1's sums, visible since this chunk's barrier
-    const Elem* hin = static_cast<const Elem*>(p.states_in) + (slot * H + h) * DK * DV + tile * BV;
+    const float* hin = static_cast<const float*>(p.states_in) + (slot * H + h) * DK * DV + tile * BV;
     float part[kStateN][2];
     CUTE_UNROLL
     for (int nn = 0; nn < kStateN; ++nn) part[nn][0] = part[nn][1] = 0.f;
@@ -378,11 +396,9 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       for (int nn = 0; nn < kStateN; ++nn)
         CUTE_UNROLL
         for (int v = 0; v < size<0>(accH); v += 2) {
-          cute::array<Elem, 2> x;
-          *reinterpret_cast<uint32_t*>(x.data()) =
-              *reinterpret_cast<const uint32_t*>(hin + get<0>(tHcH(v, m, nn)) * DV + get<1>(tHcH(v, m, nn)));
-          part[nn][0] += static_cast<float>(x[0]) * accH(v, m, nn);
-          part[nn][1] += static_cast<float>(x[1]) * accH(v + 1, m, nn);
+          const float2 x = *reinterpret_cast<const float2*>(hin + get<0>(tHcH(v, m, nn)) * DV + get<1>(tHcH(v, m, nn)));
+          part[nn][0] += x.x * accH(v, m, nn);
+          part[nn][1] += x.y * accH(v + 1, m, nn);
         }
     CUTE_UNROLL
     for (int nn = 0; nn < kStateN; ++nn)
@@ -403,6 +419,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
 
   if (num_chunks > 0) {
     load_chunk(0, 0);
+    if (kGla && p.A_lo != nullptr && !p.state_only) load_alo(0);
     cp_async_fence();
     if (warp == 0) {
       fetch_gates(0);
@@ -488,6 +505,14 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
         else
           gemm_ss<Tr>(accO, sA, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
       }
+      if (p.A_lo != nullptr) {
+        Tensor sL = make_tensor(make_smem_ptr(alo_buf), typename Tr::LayoutA{});     // (C, C)
+        Tensor sLt = make_tensor(make_smem_ptr(alo_buf), typename Tr::LayoutAt{});   // (C, C) transposed
+        if (chunks_reversed)
+          gemm_ss<Tr>(accO, sLt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+        else
+          gemm_ss<Tr>(accO, sL, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
+      }
       if (p.o_fp32) {
         float* o = static_cast<float*>(p.o) + h * DV + tile * BV;
         CUTE_UNROLL
@@ -568,6 +593,10 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   
     }
     __syncthreads();                     // scaled v written; every warp is done with the state copy
+    if (kGla && p.A_lo != nullptr && !p.state_only && c + 1 < num_chunks) {   // (and with A_lo)
+      load_alo(c + 1);
+      cp_async_fence();
+    }
     // S = exp(G_last) S + K^T Vs   (GLA: diag(exp(G_last)) S + K~^T V)
     if constexpr (kGla) {
       // scale_update != 1 (backward): S = su * (decay S / su + K~^T V)
@@ -594,15 +623,10 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     store_state_smem();
     if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
     if (kGla && p.states_out != nullptr && !p.state_only) {   // the state after chunk `slot`
-      Elem* out = static_cast<Elem*>(p.states_out) + (slot * H + h) * DK * DV + tile * BV;
+      float* out = static_cast<float*>(p.states_out) + (slot * H + h) * DK * DV + tile * BV;
       CUTE_UNROLL
-      for (int i = 0; i < size(accH); i += 2) {
-        cute::array<Elem, 2> x;
-        x[0] = static_cast<Elem>(accH(i));
-        x[1] = static_cast<Elem>(accH(i + 1));
-        *reinterpret_cast<uint32_t*>(out + get<0>(tHcH(i)) * DV + get<1>(tHcH(i))) =
-            *reinterpret_cast<const uint32_t*>(x.data());
-      }
+      for (int i = 0; i < size(accH); i += 2)
+        *reinterpret_cast<float2*>(out + get<0>(tHcH(i)) * DV + get<1>(tHcH(i))) = make_float2(accH(i), accH(i + 1));
     }
   }
   if (kGla && p.state_dots != nullptr && !p.state_only && num_chunks > 0) {   // the last chunk's column sums

@@ -38,6 +38,7 @@ struct GlaIntraParams {
   void* q_gated;
   void* k_gated;
   void* A;
+  void* A_lo;                // may be null: A - A rounded to the input dtype (the backward's dv)
   float* key_decay;
   const int64_t* cu_seqlens;     // [N + 1] or null
   const int64_t* chunk_offsets;  // [N + 1] with cu_seqlens

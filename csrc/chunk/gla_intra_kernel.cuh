@@ -300,17 +300,32 @@ __global__ void __launch_bounds__(128) gla_intra_kernel(const __grid_constant__ 
   CUTE_UNROLL
   for (int i = 0; i < size(accD); ++i) scratch[(get<0>(tDcD(i)) - r_ref) * S + get<1>(tDcD(i))] = accD(i);
   __syncwarp();
+  float diag[8];
   CUTE_UNROLL
   for (int jj = 0; jj < 8; ++jj) {
     const float x = scratch[di * S + dj0 + jj] + (any_exact ? acc_x[jj] : 0.f);
-    sQhT(r_ref + di, r_ref + dj0 + jj) = static_cast<Elem>(dj0 + jj <= di ? x * p.scale : 0.f);
+    diag[jj] = dj0 + jj <= di ? x * p.scale : 0.f;
+    sQhT(r_ref + di, r_ref + dj0 + jj) = static_cast<Elem>(diag[jj]);
   }
-  __syncwarp();
-  Elem* A = static_cast<Elem*>(p.A);
-  CUTE_UNROLL
-  for (int j = 0; j < S * C / 8 / 32; ++j) {
-    const int u = lane + 32 * j, r = r_ref + u / (C / 8), cc = u % (C / 8) * 8;
-    if (r < rows) *reinterpret_cast<Vec*>(A + ((t0 + r) * H + h) * C + cc) = *reinterpret_cast<const Vec*>(&sQhT(r, cc));
+  auto copy_out = [&](void* dst) {   // this warp's rows of the staged tile
+    __syncwarp();
+    Elem* A = static_cast<Elem*>(dst);
+    CUTE_UNROLL
+    for (int j = 0; j < S * C / 8 / 32; ++j) {
+      const int u = lane + 32 * j, r = r_ref + u / (C / 8), cc = u % (C / 8) * 8;
+      if (r < rows) *reinterpret_cast<Vec*>(A + ((t0 + r) * H + h) * C + cc) = *reinterpret_cast<const Vec*>(&sQhT(r, cc));
+    }
+    __syncwarp();
+  };
+  copy_out(p.A);
+  if (p.A_lo != nullptr) {   // what the input dtype dropped: A = A_hi + A_lo to about 16 bits (backward)
+    CUTE_UNROLL
+    for (int i = 0; i < size(accS); ++i) accS(i) -= static_cast<float>(static_cast<Elem>(accS(i)));
+    store_pairs(accS, tSsA);
+    CUTE_UNROLL
+    for (int jj = 0; jj < 8; ++jj)
+      sQhT(r_ref + di, r_ref + dj0 + jj) = static_cast<Elem>(diag[jj] - static_cast<float>(static_cast<Elem>(diag[jj])));
+    copy_out(p.A_lo);
   }
 }
 

@@ -201,8 +201,8 @@ def chunk_gla(
     Returns:
         ``(o [B, T, H, V], final_state or None)``.
 
-    The forward runs the CUDA chunk kernels where ``backend.use_cuda`` allows (fp16/bf16,
-    head dims 64/128/256); its gradient is still the PyTorch path's (``gla_cuda``).
+    Forward and backward run the CUDA chunk kernels where ``backend.use_cuda`` allows
+    (fp16/bf16, head dims 64/128/256; ``gla_cuda``), else the PyTorch path.
     """
     B, T, H, K, V, scale, h0 = _common_checks(q, k, v, scale, initial_state, output_final_state,
                                               state_v_first, cu_seqlens)

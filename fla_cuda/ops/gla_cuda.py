@@ -3,9 +3,11 @@
 ``fla_cuda::chunk_gla_fwd`` runs two kernels: ``gla_intra`` (the chunk's gated scores on
 tensor cores, with q and k folded per 16-row sub-chunk, plus the gated q and k) and the
 scalar-gate chunk pass in its GLA mode (inter-chunk state on tensor cores). It also returns
-those intermediates (q~, k~, A, per-chunk key decays), which autograd saves.
+those intermediates (q~, k~, A with its low part A_lo, per-chunk key decays), which autograd
+saves.
 
-``fla_cuda::chunk_gla_bwd`` runs the pass three times (dv and dh0 with A^T, chunks walked
+``fla_cuda::chunk_gla_bwd`` runs the pass three times (dv and dh0 with (A_hi + A_lo)^T: the
+intra-chunk part of dv to about 16 bits, as FLA keeps it in fp32; chunks walked
 in reverse; the ungated inter-chunk parts of dq and of dk on transposed states, the forward
 walk also storing its state after each chunk) and ``gla_bwd_intra`` (dq, dk with the
 intra-chunk scores' gradient, and dg). The gate gradient per key channel
@@ -34,10 +36,11 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_gla_fwd"):
         chunks = (T + CHUNK - 1) // CHUNK
         slots = B * chunks if cu_seqlens is None else chunks + N
         return (o, ht, torch.empty_like(q), torch.empty_like(q), q.new_empty(B, T, H, CHUNK),
-                q.new_empty(slots, H, K, dtype=torch.float32))
+                q.new_empty(B, T, H, CHUNK), q.new_empty(slots, H, K, dtype=torch.float32))
 
     @torch.library.register_fake("fla_cuda::chunk_gla_bwd")
-    def _bwd_fake(q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, key_decay, do, dht, scale, need_dh0):
+    def _bwd_fake(q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, A_lo, key_decay, do, dht, scale,
+                  need_dh0):
         f32 = dict(dtype=torch.float32)
         N, H, K = (q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1), q.shape[2], q.shape[3]
         dh0 = q.new_empty(N, H, K, v.shape[-1], **f32) if need_dh0 else q.new_empty(0, **f32)
@@ -45,20 +48,20 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_gla_fwd"):
 
     def _setup_context(ctx, inputs, output):
         q, k, v, g, h0, cu_seqlens, offsets, scale, output_final_state = inputs
-        o, ht, q_gated, k_gated, A, key_decay = output
-        ctx.save_for_backward(q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, key_decay)
-        ctx.mark_non_differentiable(q_gated, k_gated, A, key_decay)
+        o, ht, q_gated, k_gated, A, A_lo, key_decay = output
+        ctx.save_for_backward(q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, A_lo, key_decay)
+        ctx.mark_non_differentiable(q_gated, k_gated, A, A_lo, key_decay)
         ctx.scale = scale
 
     def _backward(ctx, do, dht, *_intermediates):
-        q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, key_decay = ctx.saved_tensors
+        q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, A_lo, key_decay = ctx.saved_tensors
         if dht is not None and dht.numel() == 0:
             dht = None
         if do is None:  # only the final state was used
             do = torch.zeros_like(v)
         need_dh0 = h0 is not None and ctx.needs_input_grad[4]
         dq, dk, dv, dg, dh0 = torch.ops.fla_cuda.chunk_gla_bwd(
-            q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, key_decay, do.contiguous(),
+            q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, A_lo, key_decay, do.contiguous(),
             None if dht is None else dht.float().contiguous(), ctx.scale, need_dh0)
         return dq, dk, dv, dg, (dh0 if need_dh0 else None), None, None, None, None
 
