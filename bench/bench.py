@@ -76,7 +76,7 @@ import torch.nn.functional as F  # noqa: E402
 # Machine ceilings (BUILD_NOTES.md, measured on the H100 80GB HBM3 of the GPU host)
 # ----------------------------------------------------------------------------------------------
 COPY_BW = 3.02e12          # bytes/s, device-to-device copy counting bytes read + written (H100;
-                           # a GPU run measures its own at the start: measure_copy_bw)
+                           # a GPU run measures its own at the start: Runner.copy_bw)
 MATMUL_FLOPS = 785e12      # flop/s, dense bf16 matmul
 L2_BYTES = 50e6            # H100 L2
 CHUNK = 64                 # chunk size of the chunkwise FLOP model
@@ -242,16 +242,16 @@ def op_flops(op: OpSpec, mode: str, B: int, T: int, H: int, K: int, V: int, C: i
     return 3 * f if mode == "fwdbwd" else f
 
 
-def floors(nbytes: float, flops: float, bw: float | None = None, peak: float = MATMUL_FLOPS) -> dict:
-    mem_ms = nbytes / (COPY_BW if bw is None else bw) * 1e3
+def floors(nbytes: float, flops: float, bw: float = COPY_BW, peak: float = MATMUL_FLOPS) -> dict:
+    mem_ms = nbytes / bw * 1e3
     flop_ms = flops / peak * 1e3
     return {"mem_floor_ms": mem_ms, "flop_floor_ms": flop_ms, "floor_ms": max(mem_ms, flop_ms)}
 
 
-def op_floor(op: OpSpec, mode: str, B, T, H, K, V, dtype, C: int = CHUNK) -> dict:
+def op_floor(op: OpSpec, mode: str, B, T, H, K, V, dtype, C: int = CHUNK, bw: float = COPY_BW) -> dict:
     nbytes = traffic_bytes(op, mode, B, T, H, K, V, dtype)
     fl = op_flops(op, mode, B, T, H, K, V, C)
-    return {"bytes": nbytes, "flops": fl, **floors(nbytes, fl)}
+    return {"bytes": nbytes, "flops": fl, **floors(nbytes, fl, bw)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -848,6 +848,7 @@ class Runner:
         self.fatal: str | None = None
         self.ours_failed = 0
         self.sdpa_cache: dict = {}
+        self.copy_bw = COPY_BW   # the memory floors' bandwidth; measured by cuda_warmup on a GPU
         self.rows: list[dict] = []
         self.meta = {}
 
@@ -931,7 +932,7 @@ class Runner:
         B, T, H, K, V = shape
         if mode == "decode":
             T = 1
-        fl = op_floor(op, mode, B, T, H, K, V, self.dtype, self.a.chunk_size)
+        fl = op_floor(op, mode, B, T, H, K, V, self.dtype, self.a.chunk_size, self.copy_bw)
         row = {"op": op.name, "mode": mode, "B": B, "T": T, "H": H, "K": K, "V": V,
                "dtype": DTYPE_NAMES[self.dtype], "ms": None, "fla_ms": None, "sdpa_ms": None,
                "floor_ms": fl["floor_ms"], "first_call_s": None, "fla_first_call_s": None,
@@ -1001,9 +1002,8 @@ class Runner:
         bandwidth of this GPU for the memory floors."""
         if self.device.type != "cuda":
             return
-        global COPY_BW
-        COPY_BW = measure_copy_bw(self.device)
-        self.log(f"device-to-device copy: {COPY_BW / 1e12:.2f} TB/s (read + written): the memory floors' bandwidth")
+        self.copy_bw = measure_copy_bw(self.device)
+        self.log(f"device-to-device copy: {self.copy_bw / 1e12:.2f} TB/s (read + written): the memory floors' bandwidth")
         x = torch.randn(256, 256, device=self.device, dtype=self.dtype)
         (x @ x).sum().item()
         q = torch.randn(1, 2, 128, 64, device=self.device, dtype=self.dtype, requires_grad=True)
@@ -1027,7 +1027,7 @@ class Runner:
         self.cuda_warmup()
         self.meta = {"date": date, "gpu": gpu, "commit": commit, "versions": versions(),
                      "command": " ".join(["bench/bench.py"] + self.argv),
-                     "device": str(self.device), "copy_bw": COPY_BW, "matmul_flops": MATMUL_FLOPS,
+                     "device": str(self.device), "copy_bw": self.copy_bw, "matmul_flops": MATMUL_FLOPS,
                      "chunk_size": self.a.chunk_size, "quick": self.a.quick, "fla_ops": self.a.fla_ops,
                      "cuda_graph": self.a.cuda_graph, "warmup_ms": self.a.warmup, "rep_ms": self.a.rep}
         jobs = self.plan()
