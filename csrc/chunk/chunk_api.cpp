@@ -353,21 +353,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
   pv.reverse = true;
   run_pass<true>(pv, q, stream);
 
-  ChunkParams pp = gla_pass(dout, v, k_gated, dq_inter);   // the state is h^T [V, K]
-  pp.h0 = h0p;
-  pp.state_stride_k = 1;
-  pp.state_stride_v = d.V;
+  // the inter-chunk parts of dq and dk: states h^T, L^T [V, K] from h0^T, dht^T; fp32 out
+  auto transposed_pass = [&](const Tensor& qq, const Tensor& kk, const Tensor& vv, Tensor& out, const float* h0) {
+    ChunkParams r = gla_pass(qq, kk, vv, out);
+    r.h0 = h0;
+    r.state_stride_k = 1;
+    r.state_stride_v = d.V;
+    r.decay_cols = r.o_fp32 = true;
+    return r;
+  };
+  ChunkParams pp = transposed_pass(dout, v, k_gated, dq_inter, h0p);
   pp.scale_inter = s;
-  pp.decay_cols = pp.o_fp32 = true;
   pp.states_out = static_cast<float*>(states.data_ptr());
   run_pass<true>(pp, q, stream);
 
-  ChunkParams pr = gla_pass(v, dout, q_gated, dk_inter);   // the state is L^T [V, K]
-  pr.h0 = dhtp;
-  pr.state_stride_k = 1;
-  pr.state_stride_v = d.V;
+  ChunkParams pr = transposed_pass(v, dout, q_gated, dk_inter, dhtp);
   pr.scale_update = s;
-  pr.reverse = pr.decay_cols = pr.o_fp32 = true;
+  pr.reverse = true;
   pr.states_in = static_cast<const float*>(states.data_ptr());
   pr.state_dots = static_cast<float*>(state_dots.data_ptr());
   run_pass<true>(pr, q, stream);

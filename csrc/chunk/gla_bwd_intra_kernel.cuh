@@ -337,12 +337,7 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
 template <typename Elem>
 void run_gla_bwd_intra(const GlaBwdIntraParams& p, cudaStream_t stream) {
   using Tr = chunk::BwdIntraTraits<Elem>;
-  auto kernel = chunk::gla_bwd_intra_kernel<Elem>;
-  FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
-  const dim3 grid(p.slots, p.H);
-  if (grid.x * grid.y == 0) return;
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  FLA_CHECK_LAUNCH();
+  chunk::launch_per_chunk(chunk::gla_bwd_intra_kernel<Elem>, Tr::kThreads, Tr::kSmemBytes, p, stream);
 }
 
 }  // namespace fla

@@ -331,15 +331,22 @@ __global__ void __launch_bounds__(128) gla_intra_kernel(const __grid_constant__ 
 
 }  // namespace chunk
 
+namespace chunk {
+// One block of `threads` per (chunk slot, head), as gla_intra and gla_bwd_intra run.
+template <typename Kernel, typename Params>
+void launch_per_chunk(Kernel kernel, int threads, int smem_bytes, const Params& p, cudaStream_t stream) {
+  FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  const dim3 grid(p.slots, p.H);
+  if (grid.x * grid.y == 0) return;
+  kernel<<<grid, threads, smem_bytes, stream>>>(p);
+  FLA_CHECK_LAUNCH();
+}
+}  // namespace chunk
+
 template <typename Elem, int DK>
 void run_gla_intra(const GlaIntraParams& p, cudaStream_t stream) {
   using Tr = chunk::IntraTraits<Elem, DK>;
-  auto kernel = chunk::gla_intra_kernel<Elem, DK>;
-  FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
-  const dim3 grid(p.slots, p.H);
-  if (grid.x * grid.y == 0) return;
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  FLA_CHECK_LAUNCH();
+  chunk::launch_per_chunk(chunk::gla_intra_kernel<Elem, DK>, Tr::kThreads, Tr::kSmemBytes, p, stream);
 }
 
 }  // namespace fla
