@@ -58,18 +58,24 @@ __device__ __forceinline__ bool locate_chunk(int slot, const int64_t* cu_seqlens
 }
 
 // Raw gates of rows row0..row0+R-1 of one column (zeros past `rows`), fp32 or Elem in memory.
+// Whole runs take the unguarded path: one add per load instead of a branch and an index.
+template <int R, typename T>
+__device__ __forceinline__ void load_gate_run(float (&rg)[R], const T* gp, int64_t row_stride, int valid) {
+  if (valid >= R) {
+    CUTE_UNROLL
+    for (int i = 0; i < R; ++i) rg[i] = static_cast<float>(gp[i * row_stride]);
+  } else {
+    CUTE_UNROLL
+    for (int i = 0; i < R; ++i) rg[i] = i < valid ? static_cast<float>(gp[i * row_stride]) : 0.f;
+  }
+}
 template <typename Elem, int R>
 __device__ __forceinline__ void load_gate_rows(float (&rg)[R], const void* g, bool g_fp32, int64_t off,
                                                int64_t row_stride, int row0, int rows) {
-  if (g_fp32) {
-    const float* gp = static_cast<const float*>(g) + off + row0 * row_stride;
-    CUTE_UNROLL
-    for (int i = 0; i < R; ++i) rg[i] = row0 + i < rows ? gp[i * row_stride] : 0.f;
-  } else {
-    const Elem* gp = static_cast<const Elem*>(g) + off + row0 * row_stride;
-    CUTE_UNROLL
-    for (int i = 0; i < R; ++i) rg[i] = row0 + i < rows ? static_cast<float>(gp[i * row_stride]) : 0.f;
-  }
+  if (g_fp32)
+    load_gate_run(rg, static_cast<const float*>(g) + off + row0 * row_stride, row_stride, rows - row0);
+  else
+    load_gate_run(rg, static_cast<const Elem*>(g) + off + row0 * row_stride, row_stride, rows - row0);
 }
 
 // In place: clamped raw gates -> their running sums in log2 units (the forward and the
