@@ -19,8 +19,9 @@ from tests.utils import assert_close, err_ratio, make_cu_seqlens
 pytestmark = pytest.mark.gpu
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 4e-3}
-# dg is a reverse cumulative sum of q dq - k dk, terms that cancel (tests/test_chunk_cuda.py)
-DG_TOL = 5e-2
+# dg is a reverse cumulative sum of q dq - k dk, terms that cancel (tests/test_chunk_cuda.py);
+# measured 2e-4 to 1e-3 at T=1000 with FLA's formulation of the chunk-end term (gla.h)
+DG_TOL = 1e-2
 
 
 def make_inputs(B, T, H, K, V, dtype, divisor=1.0, N=None, g_dtype=torch.float32, seed=0):
@@ -122,6 +123,24 @@ def test_strong_gates_finite(fill):
     check(ours, ref, TOL[torch.bfloat16])
 
 
+def dg_error_per_chunk(ref, out):
+    """Relative RMS error of dg in each chunk of 64 positions, of that chunk's own RMS."""
+    return torch.tensor([err_ratio(ref[:, c:c + 64], out[:, c:c + 64]) for c in range(0, ref.shape[1], 64)])
+
+
+@pytest.mark.parametrize("divisor", [1.0, 16.0])
+def test_dg_error_even_across_chunks(divisor):
+    """No chunk's dg error an order above the rest: a chunk-end term that left k~'s bf16
+    rounding in dg gave 1.4e-2 in the last, partial chunk (where dht enters) against 8e-4
+    elsewhere, under the global DG_TOL. Now 1.5e-3 against 3.4e-4 (logsigmoid gates: dht's
+    bf16 rounding in R, as in FLA; FLA's bar per chunk in the test below)."""
+    x, do, dht = fla_problem(divisor)
+    ref = gradients(fla_cuda.chunk_gla, x, do, dht, lambda t: t.double())[3]
+    per_chunk = dg_error_per_chunk(ref, gradients(fla_cuda.chunk_gla, x, do, dht)[3])
+    print("dg error per chunk:", " ".join(f"{e:.1e}" for e in per_chunk.tolist()))
+    assert per_chunk.max() <= 8 * per_chunk.median(), f"uneven dg error: {per_chunk.tolist()}"
+
+
 def test_forward_and_backward_deterministic():
     x = make_inputs(2, 1000, 4, 128, 128, torch.bfloat16)
     a, _ = run_pair(x)
@@ -145,6 +164,25 @@ def test_no_worse_than_fla(divisor):
         assert e_ours <= 1.25 * e_fla + 1e-6, f"{name}: ours {e_ours:.2e} vs FLA {e_fla:.2e}"
 
 
+GRAD_NAMES = ("q", "k", "v", "g", "h0")
+
+
+def fla_problem(divisor):
+    """Inputs and cotangents of the FLA comparisons: B=2, T=1000, H=4, K=V=128, bf16."""
+    x = make_inputs(2, 1000, 4, 128, 128, torch.bfloat16, divisor)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    do = torch.randn(x["v"].shape, generator=gen, device="cuda").to(torch.bfloat16)
+    dht = torch.randn(x["h0"].shape, generator=gen, device="cuda")
+    return x, do, dht
+
+
+def gradients(fn, x, do, dht, cast=lambda t: t):
+    """Gradients of q, k, v, g, h0 through fn (a chunk_gla) with the inputs cast."""
+    leaves = [cast(x[n]).detach().requires_grad_() for n in GRAD_NAMES]
+    o, ht = fn(*leaves[:4], initial_state=leaves[4], output_final_state=True)
+    return torch.autograd.grad((o, ht), leaves, (cast(do), cast(dht)))
+
+
 _FLA_BWD_ERRORS: dict = {}
 
 
@@ -155,45 +193,35 @@ def fla_backward_errors(divisor):
     if divisor in _FLA_BWD_ERRORS:
         return _FLA_BWD_ERRORS[divisor]
     fla_ops = pytest.importorskip("fla.ops")
-    x = make_inputs(2, 1000, 4, 128, 128, torch.bfloat16, divisor)
-    names = ("q", "k", "v", "g", "h0")
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    do = torch.randn(x["v"].shape, generator=gen, device="cuda").to(torch.bfloat16)
-    dht = torch.randn(x["h0"].shape, generator=gen, device="cuda")
-
-    def grads_of(fn, cast):
-        leaves = [cast(x[n]).detach().requires_grad_() for n in names]
-        o, ht = fn(*leaves[:4], initial_state=leaves[4], output_final_state=True)
-        return torch.autograd.grad((o, ht), leaves, (cast(do), cast(dht)))
-    ref = grads_of(fla_cuda.chunk_gla, lambda t: t.double())
-    ours = grads_of(fla_cuda.chunk_gla, lambda t: t)
+    x, do, dht = fla_problem(divisor)
+    ref = gradients(fla_cuda.chunk_gla, x, do, dht, lambda t: t.double())
+    ours = gradients(fla_cuda.chunk_gla, x, do, dht)
     try:
-        theirs = grads_of(fla_ops.chunk_gla, lambda t: t)
+        theirs = gradients(fla_ops.chunk_gla, x, do, dht)
     except Exception as e:   # noqa: BLE001 - FLA's own refusal, whatever its type
         pytest.skip(f"FLA's chunk_gla backward does not run here: {type(e).__name__}: {str(e)[:200]}")
-    errs = {n: (err_ratio(r, o), err_ratio(r, t)) for n, r, o, t in zip(names, ref, ours, theirs)}
+    errs = {n: (err_ratio(r, o), err_ratio(r, t)) for n, r, o, t in zip(GRAD_NAMES, ref, ours, theirs)}
+    errs["g per chunk"] = (dg_error_per_chunk(ref[3], ours[3]), dg_error_per_chunk(ref[3], theirs[3]))
     for n, (e_ours, e_fla) in errs.items():
-        print(f"d{n}: ours {e_ours:.3e}  FLA {e_fla:.3e}")
+        if n == "g per chunk":
+            print("dg per chunk: ours", " ".join(f"{e:.1e}" for e in e_ours.tolist()))
+            print("dg per chunk: FLA ", " ".join(f"{e:.1e}" for e in e_fla.tolist()))
+        else:
+            print(f"d{n}: ours {e_ours:.3e}  FLA {e_fla:.3e}")
     _FLA_BWD_ERRORS[divisor] = errs
     return errs
 
 
 @pytest.mark.parametrize("divisor", [1.0, 16.0])
 def test_backward_no_worse_than_fla(divisor):
-    """FLA's chunk_gla backward on the same inputs is the bar (x1.25) for dq, dk, dv, dh0;
-    dg is held to DG_TOL here and to FLA's bar in the test below."""
+    """FLA's chunk_gla backward on the same inputs is the bar (x1.25) for every gradient; and
+    dg in every chunk of 64 within 2x FLA's error in that chunk (a chunk-local fault such as
+    the last-chunk one of test_dg_error_even_across_chunks was 10x and more)."""
     for n, (e_ours, e_fla) in fla_backward_errors(divisor).items():
-        bar = DG_TOL if n == "g" else 1.25 * e_fla + 1e-6
-        assert e_ours <= bar, f"d{n}: ours {e_ours:.2e} vs FLA {e_fla:.2e}"
-
-
-@pytest.mark.xfail(strict=True, reason="known gap (issue #5): dg error 2.3-9x FLA's (H200, 2026-11-29); the in-chunk "
-                   "q dq - k dk sums use dq, dk whose off-diagonal folds are bf16 tensor-core operands "
-                   "where FLA's are tf32 (bench/NOTES.md)")
-@pytest.mark.parametrize("divisor", [1.0, 16.0])
-def test_backward_dg_no_worse_than_fla(divisor):
-    e_ours, e_fla = fla_backward_errors(divisor)["g"]
-    assert e_ours <= 1.25 * e_fla + 1e-6, f"dg: ours {e_ours:.2e} vs FLA {e_fla:.2e}"
+        if n == "g per chunk":
+            assert (e_ours <= 2 * e_fla + 1e-6).all(), f"dg per chunk: ours {e_ours.tolist()} vs FLA {e_fla.tolist()}"
+        else:
+            assert e_ours <= 1.25 * e_fla + 1e-6, f"d{n}: ours {e_ours:.2e} vs FLA {e_fla:.2e}"
 
 
 def test_public_op_runs_the_kernel_and_its_gradient_flows(monkeypatch):

@@ -77,12 +77,12 @@ struct ChunkParams {
   //  - A == nullptr drops the intra-chunk term; A_lo (may be null) adds A_lo V for scores
   //    to about 16 bits (dv); scale_update scales K~^T V;
   //  - o_fp32: o is an fp32 tensor, written from the accumulators;
-  //  - states_out: the state after each chunk, fp32 (the row sums below cancel; FLA keeps
-  //    these states in fp32 too), [slots, H, DK, DV] (the pass's own orientation), at the
-  //    chunk's slot;
+  //  - states_out: the state entering each chunk, fp32 (the row sums below cancel; FLA
+  //    keeps these states in fp32 too), [slots, H, DK, DV] (the pass's own orientation), at
+  //    the chunk's slot;
   //  - states_in + state_dots: per state column, sum over rows of states_in[slot] * S with S
   //    the state entering the chunk from the walk's past, [slots, H, DV] fp32 (dg of GLA:
-  //    rowsum(h_{c+1} * dL/dh_{c+1}) from the forward walk's states and the reverse walk's).
+  //    rowsum(h_c * dL/dh_{c+1}) from the forward walk's states and the reverse walk's).
   bool decay_cols;
   bool o_fp32;
   float* states_out;

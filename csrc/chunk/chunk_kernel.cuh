@@ -597,6 +597,12 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       load_alo(c + 1);
       cp_async_fence();
     }
+    if (kGla && p.states_out != nullptr && !p.state_only) {   // the state entering chunk `slot`
+      float* out = static_cast<float*>(p.states_out) + (slot * H + h) * DK * DV + tile * BV;
+      CUTE_UNROLL
+      for (int i = 0; i < size(accH); i += 2)
+        *reinterpret_cast<float2*>(out + get<0>(tHcH(i)) * DV + get<1>(tHcH(i))) = make_float2(accH(i), accH(i + 1));
+    }
     // S = exp(G_last) S + K^T Vs   (GLA: diag(exp(G_last)) S + K~^T V)
     if constexpr (kGla) {
       // scale_update != 1 (backward): S = su * (decay S / su + K~^T V)
@@ -622,12 +628,6 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     }
     store_state_smem();
     if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
-    if (kGla && p.states_out != nullptr && !p.state_only) {   // the state after chunk `slot`
-      float* out = static_cast<float*>(p.states_out) + (slot * H + h) * DK * DV + tile * BV;
-      CUTE_UNROLL
-      for (int i = 0; i < size(accH); i += 2)
-        *reinterpret_cast<float2*>(out + get<0>(tHcH(i)) * DV + get<1>(tHcH(i))) = make_float2(accH(i), accH(i + 1));
-    }
   }
   if (kGla && p.state_dots != nullptr && !p.state_only && num_chunks > 0) {   // the last chunk's column sums
     __syncthreads();

@@ -61,16 +61,24 @@ void run_gla_intra(const GlaIntraParams& p, cudaStream_t stream);
 //   dq_i = exp(G_i) P_i + sum_{j <= i} dA_ij k_j exp(G_i - G_j)
 //   dk_j = exp(G_last - G_j) R_j + sum_{i >= j} dA_ij q_i exp(G_i - G_j)
 //
-// off the diagonal sub-blocks on tensor cores through folds that never exceed 1 (dq: K at
-// the query sub-chunk's first row, dk: Q at the key sub-chunk's last row), on them pair by
-// pair in fp32. The gate gradient (reference/chunk_gla.py)
+// on tensor cores through folds (dq: K at the query sub-chunk's first row, dk: Q at the key
+// sub-chunk's last row) split into hi + lo operands: <= 1 off the diagonal sub-blocks, up to
+// 2^-span on them, as the forward's diagonal (pair by pair in fp32 where a span is too
+// strong). The gate gradient (reference/chunk_gla.py)
 //
 //   dgk_t = sum_{s >= t} (q_s dq_s - k_s dk_s) + rowsum(ht * dht)
 //
 // is that sum to the chunk's end plus rowsum(h_{c+1} * L_{c+1}) (= dgk at the next chunk's
-// first step): the forward-walk pass stores h after each chunk, the reverse-walk pass forms
-// the row sums against its state (state_dots). Summing the terms of later chunks instead
-// would add up their bf16-operand errors over the whole sequence (and they cancel).
+// first step), taken as FLA takes it:
+//
+//   rowsum(h_{c+1} * L_{c+1}) = exp(G_last) rowsum(h_c * L_{c+1}) + sum_{s in c} k_s dk_inter_s
+//
+// (dk_inter_s = exp(G_last - G_s) R_s), the forward-walk pass storing the state entering
+// each chunk and the reverse-walk pass forming the row sums against its state (state_dots).
+// The k dk_inter terms of rows s >= t then cancel exactly against those inside dk; with
+// h_{c+1} itself, built from k~ rounded to bf16, they left that rounding in dg (1.4e-2 in
+// the last chunk, against dht). Summing the terms of later chunks instead would add up
+// their bf16-operand errors over the whole sequence.
 struct GlaBwdIntraParams {
   const void* q;
   const void* k;

@@ -1,15 +1,22 @@
 // gla_bwd_intra (math in gla.h): one thread block = one (chunk, head); 4 warps, warp w owns
 // sub-chunk w (rows 16w..16w+15) of every output.
 //
-//   1. dA = scale * dO V^T, j <= i, on tensor cores over 64-column slices of V; the
-//      off-diagonal part kept as bf16/fp16 hi + lo operands, the diagonal blocks in fp32
-//   2. per 64-column slice of K: the gates G (the forward's scan, log2 units), then
-//        dq_w += dA[w, b < w] K_f      K_f = K_b 2^(G_16w - G_b)        (<= 1)
-//        dk_w += dA[a > w, w]^T Q_f    Q_f = Q_a 2^(G_a - G_16w+15)     (<= 1)
-//      on tensor cores (each warp its own fold copy and k-block range), the diagonal block
-//      pair by pair in fp32, and the gated inter-chunk parts P, R added in the epilogue
-//   3. dg = (q dq - k dk summed to the chunk's end) + state_dots of the chunk, 0 where the
-//      gate was clamped
+//   1. dA = scale * dO V^T (j <= i) on tensor cores over 64-column slices of V, kept as
+//      bf16/fp16 hi + lo operands (about 16 mantissa bits)
+//   2. per 64-column slice of K: the gates G (the forward's scan, log2 units), then folds of K
+//      and Q that every warp shares, each split into hi + lo operands (a product is
+//      Ah Fh + Al Fh + Ah Fl: fp32-grade, as FLA's tf32/fp32 blocks). With S_b, E_b the
+//      gates at the first and last row of sub-chunk b:
+//        off the diagonal  K^_j = K_j 2^(E_b - G_j),  Q^_i = Q_i 2^(G_i - S_b)      (<= 1)
+//        on the diagonal   K~_j = K_j 2^(S_b - G_j),  Q~_i = Q_i 2^(G_i - E_b)      (<= 2^-span)
+//      and, per column, sums over sub-chunks in Horner form with factors <= 1:
+//        dq_w = 2^(G - S_w) [2^(S_w - E_{w-1}) (.. dA[w,0] K^_0 ..) + dA[w,w] K~_w]
+//        dk_w = 2^(E_w - G) [2^(S_{w+1} - E_w) (.. dA[3,w]^T Q^_3 ..) + dA[w,w]^T Q~_w]
+//      A slice where some sub-chunk's span passes max_fold_span2 (the forward's test) leaves
+//      the diagonal out of the folds and takes it pair by pair in fp32 (2^(G_i - G_j) <= 1).
+//      The epilogue adds the gated inter-chunk parts P, R and runs in the accumulator layout.
+//   3. dg = (q dq - k dk summed to the chunk's end) + exp(G_last) state_dots of the chunk
+//      + (k dk_inter summed over the chunk), 0 where the gate was clamped (gla.h)
 #pragma once
 #include "chunk/gla_intra_kernel.cuh"
 
@@ -24,44 +31,43 @@ struct BwdIntraTraits {
   using TiledMma = typename Traits<Elem_, 64>::TiledMma;   // 4 warps along M
   using LdsmN = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
   using LdsmT = Copy_Atom<SM75_U16x8_LDSM_T, Elem>;
-  using LayoutF = SmemTile<C, KS>;     // (C, KS) slices
+  using LayoutF = SmemTile<C, KS>;     // (C, KS) slices and folds
   using LayoutFt = SmemTileT<C, KS>;   // read as (KS, C)
   using LayoutA = SmemTile<C, C>;      // dA
   using LayoutAt = SmemTileT<C, C>;    // dA^T
-  // fold copies: warp w's K_f rows j < 16w sit at kf_base(w) + j, its Q_f rows i >= 16(w+1)
-  // at qf_base(w) + i; 96 rows each, no overlap
-  static constexpr int kFoldRows = 96;
-  static constexpr int LDF = KS + 8;   // fp32 scratch rows, padded against bank conflicts
-  static constexpr int kElems = 2 * C * KS + 2 * kFoldRows * KS + 2 * C * C;
-  static constexpr int kFloats = C * KS + C * LDF + 2 * KS + 4 * KS + 4 * S * (S + 1) + 2 * KS;
+  // raw q, k and the gates: rows padded so that the accumulator layout's reads (8 rows x 4
+  // column pairs) hit distinct banks
+  static constexpr int LDQ = KS + 8, LDG = KS + 8;
+  // fold tiles, hi then lo, in rows of KS: K^ (sub-chunks 0..2), K~, Q^ (1..3), Q~
+  static constexpr int kKeRows = C - S, kQsRows = C - S;
+  static constexpr int kKe = 0, kKd = kKe + 2 * kKeRows, kQs = kKd + 2 * C, kQd = kQs + 2 * kQsRows;
+  static constexpr int kFoldRows = kQd + 2 * C;
+  static constexpr int kElems = 2 * C * LDQ + 2 * C * C + kFoldRows * KS;
+  static constexpr int kFloats = C * LDG + 2 * KS + 8 * KS + 2 * KS;
   static constexpr int kSmemBytes = kElems * int(sizeof(Elem)) + kFloats * 4;
-  static_assert(C * LDF * 4 >= 2 * C * KS * int(sizeof(Elem)), "dO, V slices alias the fp32 scratch");
+  static_assert(kFoldRows >= 2 * C, "dO, V slices alias the fold tiles");
+  static_assert(kSmemBytes <= 113 * 1024, "two blocks per SM");
 };
-
-__device__ __forceinline__ int kf_base(int w) { return w == 3 ? 48 : (w == 2 ? 16 : 0); }
-__device__ __forceinline__ int qf_base(int w) { return w == 0 ? -16 : (w == 1 ? 16 : 32); }
 
 template <typename Elem_>
 __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constant__ GlaBwdIntraParams p) {
   using Tr = BwdIntraTraits<Elem_>;
   using Elem = typename Tr::Elem;
   using Vec = cute::uint128_t;
-  constexpr int C = Tr::C, KS = Tr::KS, S = Tr::S, kThreads = Tr::kThreads, LDF = Tr::LDF;
+  constexpr int C = Tr::C, KS = Tr::KS, S = Tr::S, kThreads = Tr::kThreads, LDQ = Tr::LDQ, LDG = Tr::LDG;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  Elem* const sQ = reinterpret_cast<Elem*>(smem_raw);       // [C][KS] row-major, raw q slice
-  Elem* const sK = sQ + C * KS;                              // [C][KS] raw k slice
-  Elem* const sKf = sK + C * KS;                             // (kFoldRows, KS) swizzled
-  Elem* const sQf = sKf + Tr::kFoldRows * KS;                // (kFoldRows, KS) swizzled
-  Elem* const sAh = sQf + Tr::kFoldRows * KS;                // (C, C) dA hi
+  Elem* const sAh = reinterpret_cast<Elem*>(smem_raw);      // (C, C) dA hi
   Elem* const sAl = sAh + C * C;                             // (C, C) dA lo
-  float* const sG = reinterpret_cast<float*>(sAl + C * C);   // [C][KS] cumulative gates, log2 units
-  float* const sBuf = sG + C * KS;                           // [C][LDF] accumulators of the slice
-  float* const sTot = sBuf + C * LDF;                        // [2][KS] gate totals of the two halves
+  Elem* const sFold = sAl + C * C;                           // (kFoldRows, KS) fold tiles
+  Elem* const sQ = sFold + Tr::kFoldRows * KS;               // [C][LDQ] raw q slice
+  Elem* const sK = sQ + C * LDQ;                             // [C][LDQ] raw k slice
+  float* const sG = reinterpret_cast<float*>(sK + C * LDQ);  // [C][LDG] cumulative gates, log2 units
+  float* const sTot = sG + C * LDG;                          // [2][KS] gate totals of the two halves
   float* const sWT = sTot + 2 * KS;                          // [4][KS] per-warp sums of d
-  float* const sAd = sWT + 4 * KS;                           // [4][S][S+1] diagonal blocks of dA
-  uint32_t* const sClamp = reinterpret_cast<uint32_t*>(sAd + 4 * S * (S + 1));   // [2][KS] clamped-row bits
-  Elem* const sDO = reinterpret_cast<Elem*>(sBuf);           // step 1 only: (C, KS) dO, V slices
+  float* const sWE = sWT + 4 * KS;                           // [4][KS] per-warp sums of k dk_inter
+  uint32_t* const sClamp = reinterpret_cast<uint32_t*>(sWE + 4 * KS);   // [2][KS] clamped-row bits
+  Elem* const sDO = sFold;                                   // step 1 only: (C, KS) dO, V slices
   Elem* const sV = sDO + C * KS;
 
   const int slot = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -71,6 +77,7 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   const int64_t t0 = loc.bos + loc.c * C;
   const int rows = int(min(int64_t(C), loc.len - loc.c * C));   // rows past it: zeros, gates 0
   constexpr int kVecs = C * KS / 8 / kThreads;
+
 
   typename Tr::TiledMma mma;
   auto thr_mma = mma.get_slice(tid);
@@ -86,14 +93,14 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
     for (int col0 = 0; col0 < V; col0 += KS) {
       CUTE_UNROLL
       for (int m = 0; m < kVecs; ++m) {
-        const int u = tid + kThreads * m, r = u / (KS / 8), cc = u % (KS / 8) * 8;
+        const int u = tid + kThreads * m, r = u / (KS / 8), c8 = u % (KS / 8) * 8;
         Vec a{}, b{};
         if (r < rows) {
-          a = *reinterpret_cast<const Vec*>(dO + r * H * V + col0 + cc);
-          b = *reinterpret_cast<const Vec*>(v + r * H * V + col0 + cc);
+          a = *reinterpret_cast<const Vec*>(dO + r * H * V + col0 + c8);
+          b = *reinterpret_cast<const Vec*>(v + r * H * V + col0 + c8);
         }
-        *reinterpret_cast<Vec*>(&sDOt(r, cc)) = a;
-        *reinterpret_cast<Vec*>(&sVt(r, cc)) = b;
+        *reinterpret_cast<Vec*>(&sDOt(r, c8)) = a;
+        *reinterpret_cast<Vec*>(&sVt(r, c8)) = b;
       }
       __syncthreads();
       gemm_ss<Tr>(accA, sDOt, sVt, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
@@ -106,34 +113,47 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   Tensor tAlt = make_tensor(make_smem_ptr(sAl), typename Tr::LayoutAt{});   // (C, C)
   {
     Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
-    Tensor tSsAh = thr_mma.partition_C(tAh);
-    Tensor tSsAl = thr_mma.partition_C(tAl);
     CUTE_STATIC_ASSERT_V(size(tScS) == size(accA));
     CUTE_UNROLL
-    for (int i = 0; i < size(accA); i += 2) {   // values i, i + 1: adjacent columns
-      cute::array<Elem, 2> hi, lo;
-      CUTE_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int r = get<0>(tScS(i + e)), c = get<1>(tScS(i + e));
-        const float x = c <= r ? accA(i + e) * p.scale : 0.f;
-        hi[e] = static_cast<Elem>(x);
-        lo[e] = static_cast<Elem>(x - static_cast<float>(hi[e]));
-        if (r / S == c / S) sAd[(r / S * S + r % S) * (S + 1) + c % S] = x;
-      }
-      *reinterpret_cast<uint32_t*>(&tSsAh(i)) = *reinterpret_cast<const uint32_t*>(hi.data());
-      *reinterpret_cast<uint32_t*>(&tSsAl(i)) = *reinterpret_cast<const uint32_t*>(lo.data());
-    }
+    for (int i = 0; i < size(accA); ++i)
+      accA(i) = get<1>(tScS(i)) <= get<0>(tScS(i)) ? accA(i) * p.scale : 0.f;
+    Tensor tSsAh = thr_mma.partition_C(tAh);
+    store_pairs(accA, tSsAh);
+    CUTE_UNROLL
+    for (int i = 0; i < size(accA); ++i) accA(i) -= static_cast<float>(static_cast<Elem>(accA(i)));
+    Tensor tSsAl = thr_mma.partition_C(tAl);
+    store_pairs(accA, tSsAl);
   }
+  // dA(i, j) in fp32 (hi + lo), for the pair-by-pair diagonal
+  auto dA_at = [&](int i, int j) { return static_cast<float>(tAh(i, j)) + static_cast<float>(tAl(i, j)); };
 
-  // 2. slices of K
-  const int r_w = warp * S, cc = 2 * lane;                   // this warp's rows; this lane's column pair
-  Tensor sKfAll = make_tensor(make_smem_ptr(sKf), SmemTile<Tr::kFoldRows, KS>{});   // (kFoldRows, KS)
-  Tensor sQfAll = make_tensor(make_smem_ptr(sQf), SmemTile<Tr::kFoldRows, KS>{});   // (kFoldRows, KS)
-  Tensor sKfW = make_tensor(make_smem_ptr(sKf + kf_base(warp) * KS), typename Tr::LayoutFt{});   // (KS, C) K_f^T
-  Tensor sQfW = make_tensor(make_smem_ptr(sQf + qf_base(warp) * KS), typename Tr::LayoutFt{});   // (KS, C) Q_f^T
-  Tensor sBufT = make_tensor(make_smem_ptr(sBuf), make_layout(Shape<Int<C>, Int<KS>>{}, make_stride(Int<LDF>{}, _1{})));
-  Tensor tXsBuf = thr_mma.partition_C(sBufT);
-  const float* ad = sAd + warp * S * (S + 1);                // this warp's diagonal block of dA
+  // 2. slices of K. Fold tiles as (C, KS) views whose row j is the fold of row j.
+  auto fold_tile = [&](int row0) { return make_tensor(make_smem_ptr(sFold + row0 * KS), typename Tr::LayoutF{}); };
+  auto fold_tile_t = [&](int row0) { return make_tensor(make_smem_ptr(sFold + row0 * KS), typename Tr::LayoutFt{}); };
+  auto sKeh = fold_tile(Tr::kKe), sKel = fold_tile(Tr::kKe + Tr::kKeRows);
+  auto sKdh = fold_tile(Tr::kKd), sKdl = fold_tile(Tr::kKd + C);
+  auto sQsh = fold_tile(Tr::kQs - S), sQsl = fold_tile(Tr::kQs + Tr::kQsRows - S);   // rows from S on
+  auto sQdh = fold_tile(Tr::kQd), sQdl = fold_tile(Tr::kQd + C);
+  auto sKehT = fold_tile_t(Tr::kKe), sKelT = fold_tile_t(Tr::kKe + Tr::kKeRows);     // (KS, C)
+  auto sKdhT = fold_tile_t(Tr::kKd), sKdlT = fold_tile_t(Tr::kKd + C);
+  auto sQshT = fold_tile_t(Tr::kQs - S), sQslT = fold_tile_t(Tr::kQs + Tr::kQsRows - S);
+  auto sQdhT = fold_tile_t(Tr::kQd), sQdlT = fold_tile_t(Tr::kQd + C);
+  // three products of one k16 block: (Ah + Al)(Fh + Fl) less Al Fl
+  auto mma3 = [&](auto& acc, auto const& ah, auto const& al, auto const& fh, auto const& fl, auto copy_a, int kb_lo,
+                  int kb_hi) {
+    gemm_ss<Tr>(acc, ah, fh, copy_a, typename Tr::LdsmT{}, tid, kb_lo, kb_hi);
+    gemm_ss<Tr>(acc, al, fh, copy_a, typename Tr::LdsmT{}, tid, kb_lo, kb_hi);
+    gemm_ss<Tr>(acc, ah, fl, copy_a, typename Tr::LdsmT{}, tid, kb_lo, kb_hi);
+  };
+
+  const int r_w = warp * S;   // this warp's rows
+  // this thread's accumulator values: value 2u, 2u + 1 sit at row tCc(2u), columns c, c + 1;
+  // u even: row r_w + lane / 4, u odd: 8 rows below; u / 2: the n8 block of the columns
+  Tensor tCc = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<KS>>{}));   // (MMA, MMA_M, MMA_N)
+  constexpr int kPairs = decltype(size(tCc))::value / 2;
+  static_assert(kPairs == 16, "m16n8 accumulators: 8 n-blocks x 2 rows");
+  auto row_of = [&](int u) { return int(get<0>(tCc(2 * u))); };
+  auto col_of = [&](int u) { return int(get<1>(tCc(2 * u))); };
   const int gcol = tid % KS, ghalf = tid / KS, grow0 = ghalf * (C / 2);
   const int64_t row_stride = H * K, head_off = (t0 * H + h) * K;
   auto pair_at = [](const Elem* base) {                      // two adjacent elements as floats
@@ -141,9 +161,49 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
     *reinterpret_cast<uint32_t*>(x.data()) = *reinterpret_cast<const uint32_t*>(base);
     return make_float2(static_cast<float>(x[0]), static_cast<float>(x[1]));
   };
+  auto g_at = [&](int r, int c) { return *reinterpret_cast<const float2*>(sG + r * LDG + c); };
+  auto exp2_diff = [](float2 a, float2 b) { return make_float2(exp2_ftz(a.x - b.x), exp2_ftz(a.y - b.y)); };
+  auto split_store = [](float2 x, auto& hi_t, auto& lo_t, int r, int c) {
+    cute::array<Elem, 2> hi, lo;
+    hi[0] = static_cast<Elem>(x.x);
+    hi[1] = static_cast<Elem>(x.y);
+    lo[0] = static_cast<Elem>(x.x - static_cast<float>(hi[0]));
+    lo[1] = static_cast<Elem>(x.y - static_cast<float>(hi[1]));
+    *reinterpret_cast<uint32_t*>(&hi_t(r, c)) = *reinterpret_cast<const uint32_t*>(hi.data());
+    *reinterpret_cast<uint32_t*>(&lo_t(r, c)) = *reinterpret_cast<const uint32_t*>(lo.data());
+  };
+  auto elem_pair = [](float a, float b) {
+    cute::array<Elem, 2> o;
+    o[0] = static_cast<Elem>(a);
+    o[1] = static_cast<Elem>(b);
+    return *reinterpret_cast<const uint32_t*>(o.data());
+  };
+  // acc *= 2^(G[r_new] - G[r_old]) column by column (<= 1: r_new after r_old)
+  auto rescale = [&](auto& acc, int r_new, int r_old) {
+    CUTE_UNROLL
+    for (int u = 0; u < kPairs; u += 2) {
+      const float2 f = exp2_diff(g_at(r_new, col_of(u)), g_at(r_old, col_of(u)));
+      acc(2 * u) *= f.x;
+      acc(2 * u + 1) *= f.y;
+      acc(2 * u + 2) *= f.x;
+      acc(2 * u + 3) *= f.y;
+    }
+  };
+  // this warp's 16 rows of a staged (C, KS) tile out to global rows of `dst` (16-byte stores)
+  auto copy_rows_out = [&](auto const& tile, void* dst, int64_t off0) {
+    __syncwarp();
+    CUTE_UNROLL
+    for (int m = 0; m < S * KS / 8 / 32; ++m) {
+      const int e = lane + 32 * m, r = r_w + e / (KS / 8), c8 = e % (KS / 8) * 8;
+      if (r < rows)
+        *reinterpret_cast<Vec*>(static_cast<Elem*>(dst) + off0 + r * row_stride + c8) =
+            *reinterpret_cast<const Vec*>(&tile(r, c8));
+    }
+  };
 
   for (int col0 = 0; col0 < K; col0 += KS) {
-    // gates and raw q, k of the slice
+    // gates and raw q, k of the slice; `exact`: some sub-chunk decays too strongly to fold
+    bool exact;
     {
       float rg[C / 2];
       load_gate_rows<Elem>(rg, p.g, p.g_fp32, head_off + col0 + gcol, row_stride, grow0, rows);
@@ -157,177 +217,204 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
           a = *reinterpret_cast<const Vec*>(q + r * row_stride + c8);
           b = *reinterpret_cast<const Vec*>(k + r * row_stride + c8);
         }
-        *reinterpret_cast<Vec*>(sQ + r * KS + c8) = a;
-        *reinterpret_cast<Vec*>(sK + r * KS + c8) = b;
+        *reinterpret_cast<Vec*>(sQ + r * LDQ + c8) = a;
+        *reinterpret_cast<Vec*>(sK + r * LDQ + c8) = b;
       }
       uint32_t clamped = 0;   // rows (of this half) whose gate the scan clamps: dg is 0 there
       CUTE_UNROLL
       for (int i = 0; i < C / 2; ++i) clamped |= uint32_t(rg[i] < kMinLogGate) << i;
       sClamp[ghalf * KS + gcol] = clamped;
       scan_gate_rows(rg);
+      const bool strong = rg[S - 1] - rg[0] < -max_fold_span2<Elem>() || rg[2 * S - 1] - rg[S] < -max_fold_span2<Elem>();
       sTot[ghalf * KS + gcol] = rg[C / 2 - 1];
       __syncthreads();
       const float base = ghalf > 0 ? sTot[gcol] : 0.f;
       CUTE_UNROLL
-      for (int i = 0; i < C / 2; ++i) sG[(grow0 + i) * KS + gcol] = rg[i] + base;
-      __syncthreads();
-    }
-    auto g_at = [&](int r) { return *reinterpret_cast<const float2*>(sG + r * KS + cc); };
-
-    // folds: K_f of warps 1..3 and Q_f of warps 0..2; this thread takes rows warp + 4m
-    CUTE_UNROLL
-    for (int w = 1; w < 4; ++w) {
-      const float2 gr = g_at(w * S);
-      CUTE_UNROLL
-      for (int m = 0; m < 4 * w; ++m) {
-        const int j = warp + 4 * m;
-        const float2 gj = g_at(j), kj = pair_at(sK + j * KS + cc);
-        cute::array<Elem, 2> x;
-        x[0] = static_cast<Elem>(kj.x * exp2_ftz(gr.x - gj.x));
-        x[1] = static_cast<Elem>(kj.y * exp2_ftz(gr.y - gj.y));
-        *reinterpret_cast<uint32_t*>(&sKfAll(kf_base(w) + j, cc)) = *reinterpret_cast<const uint32_t*>(x.data());
-      }
-    }
-    CUTE_UNROLL
-    for (int w = 0; w < 3; ++w) {
-      const float2 gr = g_at(w * S + S - 1);
-      CUTE_UNROLL
-      for (int m = 0; m < 12 - 4 * w; ++m) {
-        const int i = (w + 1) * S + warp + 4 * m;
-        const float2 gi = g_at(i), qi = pair_at(sQ + i * KS + cc);
-        cute::array<Elem, 2> x;
-        x[0] = static_cast<Elem>(qi.x * exp2_ftz(gi.x - gr.x));
-        x[1] = static_cast<Elem>(qi.y * exp2_ftz(gi.y - gr.y));
-        *reinterpret_cast<uint32_t*>(&sQfAll(qf_base(w) + i, cc)) = *reinterpret_cast<const uint32_t*>(x.data());
-      }
-    }
-    __syncthreads();
-
-    // the epilogue's global reads, in flight during the products (R: during dq's epilogue)
-    const int64_t out0 = head_off + col0 + cc;
-    float2 pin[S], rin[S];
-    auto load_rows = [&](float2 (&x)[S], const float* src) {
-      CUTE_UNROLL
-      for (int i = 0; i < S; ++i)
-        x[i] = r_w + i < rows ? __ldg(reinterpret_cast<const float2*>(src + out0 + (r_w + i) * row_stride))
-                              : make_float2(0.f, 0.f);
-    };
-    load_rows(pin, p.dq_inter);
-    const float2 next = __ldg(reinterpret_cast<const float2*>(p.state_dots + (int64_t(slot) * H + h) * K + col0 + cc));
-
-    // diagonal block pair by pair: 2^(G_i - G_j) <= 1 for j <= i
-    float dq_d[S][2], dk_d[S][2];
-    CUTE_UNROLL
-    for (int i = 0; i < S; ++i) dq_d[i][0] = dq_d[i][1] = dk_d[i][0] = dk_d[i][1] = 0.f;
-    CUTE_UNROLL
-    for (int i = 0; i < S; ++i) {
-      const float2 gi = g_at(r_w + i), qi = pair_at(sQ + (r_w + i) * KS + cc);
-      CUTE_UNROLL
-      for (int j = 0; j <= i; ++j) {
-        const float2 gj = g_at(r_w + j), kj = pair_at(sK + (r_w + j) * KS + cc);
-        const float a = ad[i * (S + 1) + j];
-        const float e0 = a * exp2_ftz(gi.x - gj.x), e1 = a * exp2_ftz(gi.y - gj.y);
-        dq_d[i][0] += e0 * kj.x;
-        dq_d[i][1] += e1 * kj.y;
-        dk_d[j][0] += e0 * qi.x;
-        dk_d[j][1] += e1 * qi.y;
-      }
+      for (int i = 0; i < C / 2; ++i) sG[(grow0 + i) * LDG + gcol] = rg[i] + base;
+      exact = __syncthreads_or(strong);   // and: G, q, k of the slice are visible
     }
 
-    // epilogue: warp w finishes rows r_w..r_w+15 of dq, then of dk, through sBuf
-    const float2 g_q = g_at(r_w), g_k = g_at(r_w + S - 1), g_last = g_at(C - 1);
-    load_rows(rin, p.dk_inter);
-    float d[S][2];   // q dq, then q dq - k dk
-    {   // off-diagonal blocks on tensor cores (one accumulator live at a time: registers)
-      Tensor acc_dq = partition_fragment_C(mma, Shape<Int<C>, Int<KS>>{});   // (MMA, MMA_M, MMA_N)
-      clear(acc_dq);
-      gemm_ss<Tr>(acc_dq, tAh, sKfW, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid, 0, warp);
-      gemm_ss<Tr>(acc_dq, tAl, sKfW, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid, 0, warp);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_dq); ++i) tXsBuf(i) = acc_dq(i);
-    }
-    __syncwarp();
-    CUTE_UNROLL
-    for (int i = 0; i < S; ++i) {
-      const int r = r_w + i;
-      const float2 g = g_at(r), qi = pair_at(sQ + r * KS + cc);
-      const float x0 = exp2_ftz(g.x) * pin[i].x + exp2_ftz(g.x - g_q.x) * sBuf[r * LDF + cc] + dq_d[i][0];
-      const float x1 = exp2_ftz(g.y) * pin[i].y + exp2_ftz(g.y - g_q.y) * sBuf[r * LDF + cc + 1] + dq_d[i][1];
-      d[i][0] = qi.x * x0;
-      d[i][1] = qi.y * x1;
-      if (r < rows) {
-        cute::array<Elem, 2> o;
-        o[0] = static_cast<Elem>(x0);
-        o[1] = static_cast<Elem>(x1);
-        *reinterpret_cast<uint32_t*>(static_cast<Elem*>(p.dq) + out0 + r * row_stride) =
-            *reinterpret_cast<const uint32_t*>(o.data());
-      }
-    }
-    __syncwarp();
-    {
-      Tensor acc_dk = partition_fragment_C(mma, Shape<Int<C>, Int<KS>>{});   // (MMA, MMA_M, MMA_N)
-      clear(acc_dk);
-      gemm_ss<Tr>(acc_dk, tAht, sQfW, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid, warp + 1, 4);
-      gemm_ss<Tr>(acc_dk, tAlt, sQfW, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid, warp + 1, 4);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_dk); ++i) tXsBuf(i) = acc_dk(i);
-    }
-    __syncwarp();
-    CUTE_UNROLL
-    for (int i = 0; i < S; ++i) {
-      const int r = r_w + i;
-      const float2 g = g_at(r), ki = pair_at(sK + r * KS + cc);
-      const float x0 = exp2_ftz(g_last.x - g.x) * rin[i].x + exp2_ftz(g_k.x - g.x) * sBuf[r * LDF + cc] + dk_d[i][0];
-      const float x1 = exp2_ftz(g_last.y - g.y) * rin[i].y + exp2_ftz(g_k.y - g.y) * sBuf[r * LDF + cc + 1] + dk_d[i][1];
-      d[i][0] -= ki.x * x0;
-      d[i][1] -= ki.y * x1;
-      if (r < rows) {
-        cute::array<Elem, 2> o;
-        o[0] = static_cast<Elem>(x0);
-        o[1] = static_cast<Elem>(x1);
-        *reinterpret_cast<uint32_t*>(static_cast<Elem*>(p.dk) + out0 + r * row_stride) =
-            *reinterpret_cast<const uint32_t*>(o.data());
-      }
-    }
+    // the rest of the slice, compiled twice: the rare `exact` variant stays out of the hot
+    // code (instruction-cache misses were half of all stalls with it inline)
+    auto slice = [&](auto exact_c) __attribute__((always_inline)) {
+      constexpr bool kExact = decltype(exact_c)::value;
+      // the dq epilogue's reads of P, in flight during the folds
+      const int64_t out0 = head_off + col0;
+      float2 pin[kPairs], rin[kPairs], next[kPairs / 2];
+      auto load_pairs = [&](float2 (&x)[kPairs], const float* src) {
+        CUTE_UNROLL
+        for (int u = 0; u < kPairs; ++u) {
+          const int r = row_of(u);
+          x[u] = r < rows ? __ldg(reinterpret_cast<const float2*>(src + out0 + r * row_stride + col_of(u)))
+                          : make_float2(0.f, 0.f);
+        }
+      };
+      load_pairs(pin, p.dq_inter);
 
-    // 3. d summed from each row to the chunk's end: within the warp, then the later warps
-    float run0 = 0.f, run1 = 0.f;
-    CUTE_UNROLL
-    for (int i = S - 1; i >= 0; --i) {
-      run0 += d[i][0];
-      run1 += d[i][1];
-      d[i][0] = run0;
-      d[i][1] = run1;
-    }
-    *reinterpret_cast<float2*>(sWT + warp * KS + cc) = make_float2(run0, run1);
-    __syncthreads();
-    float later0 = 0.f, later1 = 0.f;
-    for (int w = warp + 1; w < 4; ++w) {
-      later0 += sWT[w * KS + cc];
-      later1 += sWT[w * KS + cc + 1];
-    }
-    later0 += next.x;
-    later1 += next.y;
-    // clamped gates: no gradient (bits of the rows r_w.. of columns cc, cc + 1)
-    const int half = r_w / (C / 2), bit0 = r_w % (C / 2);
-    const uint32_t clamp0 = sClamp[half * KS + cc] >> bit0, clamp1 = sClamp[half * KS + cc + 1] >> bit0;
-    CUTE_UNROLL
-    for (int i = 0; i < S; ++i) {
-      const int r = r_w + i;
-      if (r < rows) {
-        const int64_t off = out0 + r * row_stride;
-        const float x0 = (clamp0 >> i) & 1u ? 0.f : d[i][0] + later0;
-        const float x1 = (clamp1 >> i) & 1u ? 0.f : d[i][1] + later1;
-        if (p.g_fp32) {
-          *reinterpret_cast<float2*>(static_cast<float*>(p.dg) + off) = make_float2(x0, x1);
-        } else {
-          cute::array<Elem, 2> o;
-          o[0] = static_cast<Elem>(x0);
-          o[1] = static_cast<Elem>(x1);
-          *reinterpret_cast<uint32_t*>(static_cast<Elem*>(p.dg) + off) = *reinterpret_cast<const uint32_t*>(o.data());
+      // folds, shared by the warps: this thread takes rows warp + 4 m (sub-chunk m / 4) of its
+      // lane's column pair
+      {
+        const int cc = 2 * lane;
+        CUTE_UNROLL
+        for (int m = 0; m < C / 4; ++m) {
+          const int j = warp + 4 * m, b = m / 4;
+          const float2 gj = g_at(j, cc), s_b = g_at(b * S, cc), e_b = g_at(b * S + S - 1, cc);
+          const float2 kj = pair_at(sK + j * LDQ + cc), qj = pair_at(sQ + j * LDQ + cc);
+          // the diagonal (pair by pair instead when kExact: its factors may overflow then)
+          const float2 fk = exp2_diff(s_b, gj), fq = exp2_diff(gj, e_b);
+          split_store(kExact ? make_float2(0.f, 0.f) : make_float2(kj.x * fk.x, kj.y * fk.y), sKdh, sKdl, j, cc);
+          split_store(kExact ? make_float2(0.f, 0.f) : make_float2(qj.x * fq.x, qj.y * fq.y), sQdh, sQdl, j, cc);
+          if (b < 3) {
+            const float2 f = exp2_diff(e_b, gj);
+            split_store(make_float2(kj.x * f.x, kj.y * f.y), sKeh, sKel, j, cc);
+          }
+          if (b > 0) {
+            const float2 f = exp2_diff(gj, s_b);
+            split_store(make_float2(qj.x * f.x, qj.y * f.y), sQsh, sQsl, j, cc);
+          }
         }
       }
-    }
+      __syncthreads();
+
+      // dq: sub-chunks b < w, then the diagonal one
+      Tensor acc = partition_fragment_C(mma, Shape<Int<C>, Int<KS>>{});   // (MMA, MMA_M, MMA_N)
+      CUTE_STATIC_ASSERT_V(size(acc) == size(tCc));
+      clear(acc);
+      CUTE_UNROLL
+      for (int b = 0; b < 3; ++b) {
+        if (b < warp) {
+          if (b > 0) rescale(acc, b * S + S - 1, b * S - 1);
+          mma3(acc, tAh, tAl, sKehT, sKelT, typename Tr::LdsmN{}, b, b + 1);
+        }
+      }
+      if (warp > 0) rescale(acc, r_w, r_w - 1);
+      mma3(acc, tAh, tAl, sKdhT, sKdlT, typename Tr::LdsmN{}, warp, warp + 1);
+
+      float2 d[kPairs];   // q dq, then q dq - k dk
+      CUTE_UNROLL
+      for (int u = 0; u < kPairs; ++u) {
+        const int r = row_of(u), c = col_of(u);
+        const float2 g = g_at(r, c), g_q = g_at(r_w, c), qv = pair_at(sQ + r * LDQ + c);
+        float x0 = exp2_ftz(g.x) * pin[u].x + exp2_ftz(g.x - g_q.x) * acc(2 * u);
+        float x1 = exp2_ftz(g.y) * pin[u].y + exp2_ftz(g.y - g_q.y) * acc(2 * u + 1);
+        if constexpr (kExact) {   // the diagonal block pair by pair: sum_{16w <= j <= r} dA_rj k_j 2^(G_r - G_j)
+          for (int j = r_w; j <= r; ++j) {
+            const float a = dA_at(r, j);
+            const float2 gj = g_at(j, c), kj = pair_at(sK + j * LDQ + c);
+            x0 += a * kj.x * exp2_ftz(g.x - gj.x);
+            x1 += a * kj.y * exp2_ftz(g.y - gj.y);
+          }
+        }
+        d[u] = make_float2(qv.x * x0, qv.y * x1);
+        // staged in this warp's rows of K~ (read only by this warp's diagonal product, done)
+        *reinterpret_cast<uint32_t*>(&sKdh(r, c)) = elem_pair(x0, x1);
+      }
+      copy_rows_out(sKdh, p.dq, out0);
+      load_pairs(rin, p.dk_inter);   // in flight during dk's products
+      CUTE_UNROLL
+      for (int u = 0; u < kPairs; u += 2)   // the columns of this thread (both rows share them)
+        next[u / 2] = __ldg(reinterpret_cast<const float2*>(p.state_dots + (int64_t(slot) * H + h) * K + col0 + col_of(u)));
+
+      // dk: sub-chunks a > w from the last one down, then the diagonal one
+      clear(acc);
+      CUTE_UNROLL
+      for (int a = 3; a > 0; --a) {
+        if (a > warp) {
+          if (a < 3) rescale(acc, a * S + S, a * S);
+          mma3(acc, tAht, tAlt, sQshT, sQslT, typename Tr::LdsmT{}, a, a + 1);
+        }
+      }
+      if (warp < 3) rescale(acc, r_w + S, r_w + S - 1);
+      mma3(acc, tAht, tAlt, sQdhT, sQdlT, typename Tr::LdsmT{}, warp, warp + 1);
+      float2 kdi[kPairs / 2];   // k dk_inter of each column pair, both rows
+      CUTE_UNROLL
+      for (int u = 0; u < kPairs; ++u) {
+        const int r = row_of(u), c = col_of(u);
+        const float2 g = g_at(r, c), g_k = g_at(r_w + S - 1, c), g_last = g_at(C - 1, c), kv = pair_at(sK + r * LDQ + c);
+        const float i0 = exp2_ftz(g_last.x - g.x) * rin[u].x, i1 = exp2_ftz(g_last.y - g.y) * rin[u].y;
+        kdi[u / 2] = u % 2 ? make_float2(kdi[u / 2].x + kv.x * i0, kdi[u / 2].y + kv.y * i1) : make_float2(kv.x * i0, kv.y * i1);
+        float x0 = i0 + exp2_ftz(g_k.x - g.x) * acc(2 * u);
+        float x1 = i1 + exp2_ftz(g_k.y - g.y) * acc(2 * u + 1);
+        if constexpr (kExact) {   // sum_{r <= i < 16w + 16} dA_ir q_i 2^(G_i - G_r)
+          for (int i = r; i < r_w + S; ++i) {
+            const float a = dA_at(i, r);
+            const float2 gi = g_at(i, c), qi = pair_at(sQ + i * LDQ + c);
+            x0 += a * qi.x * exp2_ftz(gi.x - g.x);
+            x1 += a * qi.y * exp2_ftz(gi.y - g.y);
+          }
+        }
+        d[u].x -= kv.x * x0;
+        d[u].y -= kv.y * x1;
+        *reinterpret_cast<uint32_t*>(&sQdh(r, c)) = elem_pair(x0, x1);   // this warp's rows of Q~
+      }
+      copy_rows_out(sQdh, p.dk, out0);
+
+      // 3. d summed from each row to the chunk's end: the 8 lanes of one lane % 4 hold rows
+      // r_w + lane / 4 (u even) and 8 below (u odd) of the same columns; suffix scans across
+      // them, the lower half's total added to the upper half, then the later warps' totals
+      CUTE_UNROLL
+      for (int u = 0; u < kPairs; ++u) {
+        CUTE_UNROLL
+        for (int off = 4; off < 32; off *= 2) {
+          const float y0 = __shfl_down_sync(0xffffffffu, d[u].x, off), y1 = __shfl_down_sync(0xffffffffu, d[u].y, off);
+          if (lane + off < 32) {
+            d[u].x += y0;
+            d[u].y += y1;
+          }
+        }
+      }
+      CUTE_UNROLL
+      for (int u = 0; u < kPairs; u += 2) {
+        d[u].x += __shfl_sync(0xffffffffu, d[u + 1].x, lane % 4);
+        d[u].y += __shfl_sync(0xffffffffu, d[u + 1].y, lane % 4);
+        CUTE_UNROLL
+        for (int off = 4; off < 32; off *= 2) {   // the warp's column sums of k dk_inter
+          kdi[u / 2].x += __shfl_xor_sync(0xffffffffu, kdi[u / 2].x, off);
+          kdi[u / 2].y += __shfl_xor_sync(0xffffffffu, kdi[u / 2].y, off);
+        }
+        if (lane < 4) {
+          *reinterpret_cast<float2*>(sWT + warp * KS + col_of(u)) = d[u];
+          *reinterpret_cast<float2*>(sWE + warp * KS + col_of(u)) = kdi[u / 2];
+        }
+      }
+      __syncthreads();
+      const int half = r_w / (C / 2);
+      CUTE_UNROLL
+      for (int u = 0; u < kPairs; u += 2) {
+        const int c = col_of(u);
+        // exp(G_last) rowsum(h_c * L_{c+1}) + the chunk's k dk_inter + the later warps' d
+        const float2 decay = exp2_diff(g_at(C - 1, c), make_float2(0.f, 0.f));
+        float2 later = make_float2(decay.x * next[u / 2].x, decay.y * next[u / 2].y);
+        CUTE_UNROLL
+        for (int w = 0; w < 4; ++w) {
+          later.x += sWE[w * KS + c];
+          later.y += sWE[w * KS + c + 1];
+          if (w > warp) {
+            later.x += sWT[w * KS + c];
+            later.y += sWT[w * KS + c + 1];
+          }
+        }
+        const uint32_t clamp0 = sClamp[half * KS + c], clamp1 = sClamp[half * KS + c + 1];
+        CUTE_UNROLL
+        for (int e = 0; e < 2; ++e) {   // the pair's two rows
+          const int r = row_of(u + e), bit = r % (C / 2);
+          if (r < rows) {   // clamped gates: no gradient
+            const float x0 = (clamp0 >> bit) & 1u ? 0.f : d[u + e].x + later.x;
+            const float x1 = (clamp1 >> bit) & 1u ? 0.f : d[u + e].y + later.y;
+            const int64_t off = out0 + r * row_stride + c;
+            if (p.g_fp32) {
+              *reinterpret_cast<float2*>(static_cast<float*>(p.dg) + off) = make_float2(x0, x1);
+            } else {
+              *reinterpret_cast<uint32_t*>(static_cast<Elem*>(p.dg) + off) = elem_pair(x0, x1);
+            }
+          }
+        }
+      }
+    };
+    if (exact)
+      slice(std::true_type{});
+    else
+      slice(std::false_type{});
     __syncthreads();   // the slice's buffers are rewritten next
   }
 }
