@@ -215,8 +215,8 @@ def fla_backward_errors(divisor):
 @pytest.mark.parametrize("divisor", [1.0, 16.0])
 def test_backward_no_worse_than_fla(divisor):
     """FLA's chunk_gla backward on the same inputs is the bar (x1.25) for every gradient; and
-    dg in every chunk of 64 within 2x FLA's error in that chunk (a chunk-local fault such as
-    the last-chunk one of test_dg_error_even_across_chunks was 10x and more)."""
+    dg in every chunk of 64 within 2x FLA's error in that chunk (the chunk-local fault of
+    test_dg_error_even_across_chunks is what this guards against)."""
     for n, (e_ours, e_fla) in fla_backward_errors(divisor).items():
         if n == "g per chunk":
             assert (e_ours <= 2 * e_fla + 1e-6).all(), f"dg per chunk: ours {e_ours.tolist()} vs FLA {e_fla.tolist()}"
