@@ -29,7 +29,8 @@
 // GPU fills up (issue: B=1, T=32768): a state-only launch writes each segment's local
 // state (from zero) and total log gate; the full launch then starts segment s from
 //   S_in(s) = exp(gamma(s-1)) S_in(s-1) + U(s-1),   S_in(0) = h0
-// folded in a fixed order (deterministic). seg_states [N*NS, H, DK, DV], seg_gates [N*NS, H].
+// folded in a fixed order (deterministic). seg_states [N*NS, H, DK, DV], seg_gates [N*NS, H]
+// (log2 units).
 #pragma once
 #include <cuda_runtime.h>
 

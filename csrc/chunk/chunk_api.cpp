@@ -220,6 +220,23 @@ int64_t check_gla(const Tensor& q, const Tensor& g, const std::optional<Tensor>&
   return cu_seqlens.has_value() ? chunks + d.N : d.B * chunks;
 }
 
+void fill_gla_inputs(GlaChunkInputs& p, const Tensor& q, const Tensor& k, const Tensor& g,
+                     const std::optional<Tensor>& cu_seqlens, const int64_t* chunk_offsets, const Dims& d, int64_t slots,
+                     double scale) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.g = g.data_ptr();
+  p.g_fp32 = g.scalar_type() == ScalarType::Float;
+  p.cu_seqlens = cu_seqlens.has_value() ? static_cast<const int64_t*>(cu_seqlens->data_ptr()) : nullptr;
+  p.chunk_offsets = chunk_offsets;
+  p.B = static_cast<int>(d.B);
+  p.T = static_cast<int>(d.T);
+  p.H = static_cast<int>(d.H);
+  p.N = static_cast<int>(d.N);
+  p.slots = static_cast<int>(slots);
+  p.scale = static_cast<float>(scale);
+}
+
 template <typename Launch>
 void gla_dtype_switch(const Tensor& q, Launch&& launch) {
   FLA_DTYPE_SWITCH(dtype_of(q, "q"), Elem, [&] {
@@ -250,23 +267,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd
   const int64_t* offsets = chunk_offsets.has_value() ? static_cast<const int64_t*>(chunk_offsets->data_ptr()) : nullptr;
 
   GlaIntraParams ip{};
-  ip.q = q.data_ptr();
-  ip.k = k.data_ptr();
-  ip.g = g.data_ptr();
-  ip.g_fp32 = g.scalar_type() == ScalarType::Float;
+  fill_gla_inputs(ip, q, k, g, cu_seqlens, offsets, d, slots, scale);
   ip.q_gated = q_gated.data_ptr();
   ip.k_gated = k_gated.data_ptr();
   ip.A = A.data_ptr();
   ip.A_lo = A_lo.data_ptr();
   ip.key_decay = static_cast<float*>(key_decay.data_ptr());
-  ip.cu_seqlens = cu_seqlens.has_value() ? static_cast<const int64_t*>(cu_seqlens->data_ptr()) : nullptr;
-  ip.chunk_offsets = offsets;
-  ip.B = static_cast<int>(d.B);
-  ip.T = static_cast<int>(d.T);
-  ip.H = static_cast<int>(d.H);
-  ip.N = static_cast<int>(d.N);
-  ip.slots = static_cast<int>(slots);
-  ip.scale = static_cast<float>(scale);
 
   ChunkParams p = pass_params(q_gated, k_gated, v, o, nullptr, nullptr, cu_seqlens, d);
   p.h0 = opt_f32(h0, "initial_state", q, {d.N, d.H, d.K, d.V});
@@ -375,10 +381,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
   run_pass<true>(pr, q, stream);
 
   GlaBwdIntraParams ip{};
-  ip.q = q.data_ptr();
-  ip.k = k.data_ptr();
-  ip.g = g.data_ptr();
-  ip.g_fp32 = g.scalar_type() == ScalarType::Float;
+  fill_gla_inputs(ip, q, k, g, cu_seqlens, offsets, d, slots, scale);
   ip.v = v.data_ptr();
   ip.dout = dout.data_ptr();
   ip.dq_inter = static_cast<const float*>(dq_inter.data_ptr());
@@ -387,16 +390,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
   ip.dk = dk.data_ptr();
   ip.state_dots = static_cast<const float*>(state_dots.data_ptr());
   ip.dg = dg.data_ptr();
-  ip.cu_seqlens = cu_seqlens.has_value() ? static_cast<const int64_t*>(cu_seqlens->data_ptr()) : nullptr;
-  ip.chunk_offsets = offsets;
-  ip.B = static_cast<int>(d.B);
-  ip.T = static_cast<int>(d.T);
-  ip.H = static_cast<int>(d.H);
-  ip.N = static_cast<int>(d.N);
   ip.K = static_cast<int>(d.K);
   ip.V = static_cast<int>(d.V);
-  ip.slots = static_cast<int>(slots);
-  ip.scale = s;
   gla_dtype_switch(q, [&](auto e) { run_gla_bwd_intra<decltype(e)>(ip, stream); });
   return {dq, dk, dv, dg, dh0};
 }

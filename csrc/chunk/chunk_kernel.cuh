@@ -28,6 +28,16 @@ using namespace cute;
 
 // Gates are clamped from below: -inf - (-inf) would be NaN; exp(-1e4) is 0 anyway.
 constexpr float kMinLogGate = -1e4f;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x in one MUFU instruction (denormal results flush to zero: decays below 1e-38). The
+// gates' running sums are kept in log2 units for it: __expf adds a multiply, and a range
+// check and rescale for denormals.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 template <typename T> struct CuteType { using type = T; };
 template <> struct CuteType<__nv_bfloat16> { using type = cute::bfloat16_t; };
@@ -223,46 +233,61 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   CUTE_UNROLL
   for (int j = 0; j < C / kRowsV; ++j) smem_off_v[j] = typename Tr::LayoutV{}(rv0 + j * kRowsV, cv);
   const Elem* other = static_cast<const Elem*>(p.dot_with) + h * DV + tile * BV;
+  // GLA score tiles (A, A_lo): C elements a row
+  constexpr int kVecA = C / 8, kRowsA = kThreads / kVecA;
+  const int ra0 = tid / kVecA, ca = tid % kVecA * 8;
+  int smem_off_a[kGla ? C / kRowsA : 1];
+  if constexpr (kGla) {
+    CUTE_UNROLL
+    for (int j = 0; j < C / kRowsA; ++j) smem_off_a[j] = typename Tr::LayoutA{}(ra0 + j * kRowsA, ca);
+  }
+  // One thread's vectors of a chunk: rows r0 + j * kRows (j < C / kRows) at shared offsets
+  // soff[j], global rows `step` elements apart from base + off. Rows past the end are
+  // zero-filled (their source is the tensor's first row, never read); whole chunks skip the
+  // guards (a select and a predicate per vector).
+  auto copy_rows = [&](auto rows_c, Elem* s, const int* soff, const Elem* base, int64_t off, int64_t step, int r0,
+                       int rows_left) {
+    constexpr int kRows = decltype(rows_c)::value;
+    if (rows_left >= C) {
+      CUTE_UNROLL
+      for (int j = 0; j < C / kRows; ++j) cp_async_16(s + soff[j], base + off + j * step, true);
+    } else {
+      CUTE_UNROLL
+      for (int j = 0; j < C / kRows; ++j) {
+        const bool valid = r0 + j * kRows < rows_left;
+        cp_async_16(s + soff[j], base + (valid ? off + j * step : 0), valid);
+      }
+    }
+  };
+  // GLA: the chunk's slot is its sequence's first slot plus its chunk index in the sequence
+  auto slot_of = [&](int c) {
+    return (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
+           int64_t(seg) * p.seg_chunks + time_chunk(c);
+  };
+  // GLA: one decay per key row, or per state column (decay_cols: tile columns of DV)
+  const int64_t decay_dim = kGla && p.decay_cols ? DV : DK;
+  // GLA: the chunk's decays, staged with its inputs (vs_buf is free in GLA mode): read from
+  // global memory at their use, they stalled the walk on the load (11-12% of its samples)
+  float* const decay_buf = reinterpret_cast<float*>(vs_buf);   // [2][DK]
+  static_assert(!kGla || 2 * DK * 4 <= Tr::kV * int(sizeof(Elem)), "the decay stages fit vs_buf");
   auto load_chunk = [&](int c, int stage) {
-    Elem* sq = q_buf + stage * Tr::kQK;
-    Elem* sk = k_buf + stage * Tr::kQK;
-    Elem* sv = v_buf + stage * Tr::kV;
     const int64_t pos0 = seg_begin + int64_t(time_chunk(c)) * C;
-    // rows past the end are zero-filled (their pointers are never read)
     const int rows_left = int(min(int64_t(C), len - pos0));
-    const int64_t qk_off = (token(pos0 + rq0) * H * DK + cq);
-    const int64_t qk_step = (flip ? -kRowsQK : kRowsQK) * H * DK;
-    CUTE_UNROLL
-    for (int j = 0; j < C / kRowsQK; ++j) {
-      const bool valid = rq0 + j * kRowsQK < rows_left;
-      const int64_t off = valid ? qk_off + j * qk_step : 0;
-      if (!p.state_only) cp_async_16(sq + smem_off_qk[j], q + off, valid);   // the state needs k, v only
-      cp_async_16(sk + smem_off_qk[j], k + off, valid);
-    }
-    const int64_t v_off = token(pos0 + rv0) * H * DV + cv;
-    const int64_t v_step = (flip ? -kRowsV : kRowsV) * H * DV;
-    CUTE_UNROLL
-    for (int j = 0; j < C / kRowsV; ++j) {
-      const bool valid = rv0 + j * kRowsV < rows_left;
-      cp_async_16(sv + smem_off_v[j], v + (valid ? v_off + j * v_step : 0), valid);
-    }
-    if (kGla && !p.state_only && p.A != nullptr) {   // rows of the chunk's score tile: C elements each
-      constexpr int kVecA = C / 8, kRowsA = kThreads / kVecA;
-      const int ra0 = tid / kVecA, ca = tid % kVecA * 8;
-      const int64_t a_off = token(pos0 + ra0) * H * C + ca;
-      CUTE_UNROLL
-      for (int j = 0; j < C / kRowsA; ++j) {
-        const bool valid = ra0 + j * kRowsA < rows_left;
-        cp_async_16(a_buf + stage * C * C + typename Tr::LayoutA{}(ra0 + j * kRowsA, ca),
-                    static_cast<const Elem*>(p.A) + h * C + (valid ? a_off + j * kRowsA * H * C : 0), valid);
-      }
-    }
-    if (p.dots != nullptr) {   // the dot partner has v's layout
-      CUTE_UNROLL
-      for (int j = 0; j < C / kRowsV; ++j) {
-        const bool valid = rv0 + j * kRowsV < rows_left;
-        cp_async_16(dot_buf + stage * Tr::kV + smem_off_v[j], other + (valid ? v_off + j * v_step : 0), valid);
-      }
+    const int64_t qk_off = token(pos0 + rq0) * H * DK + cq, qk_step = (flip ? -kRowsQK : kRowsQK) * H * DK;
+    if (!p.state_only)   // the state needs k, v only
+      copy_rows(Int<kRowsQK>{}, q_buf + stage * Tr::kQK, smem_off_qk, q, qk_off, qk_step, rq0, rows_left);
+    copy_rows(Int<kRowsQK>{}, k_buf + stage * Tr::kQK, smem_off_qk, k, qk_off, qk_step, rq0, rows_left);
+    const int64_t v_off = token(pos0 + rv0) * H * DV + cv, v_step = (flip ? -kRowsV : kRowsV) * H * DV;
+    copy_rows(Int<kRowsV>{}, v_buf + stage * Tr::kV, smem_off_v, v, v_off, v_step, rv0, rows_left);
+    if (p.dots != nullptr)   // the dot partner has v's layout
+      copy_rows(Int<kRowsV>{}, dot_buf + stage * Tr::kV, smem_off_v, other, v_off, v_step, rv0, rows_left);
+    if constexpr (kGla) {
+      if (!p.state_only && p.A != nullptr)
+        copy_rows(Int<kRowsA>{}, a_buf + stage * C * C, smem_off_a, static_cast<const Elem*>(p.A) + h * C,
+                  token(pos0 + ra0) * H * C + ca, int64_t(kRowsA) * H * C, ra0, rows_left);
+      // per key row, or the tile's columns (decay_cols); 16-byte vectors
+      const float* decay = p.key_decay + (slot_of(c) * H + h) * decay_dim + (p.decay_cols ? tile * BV : 0);
+      if (tid < (p.decay_cols ? BV : DK) / 4) cp_async_16(decay_buf + stage * DK + 4 * tid, decay + 4 * tid, true);
     }
   };
   // GLA A_lo: one stage in the dots partner buffer (unused in GLA mode), loaded after the
@@ -271,17 +296,9 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   static_assert(!kGla || 2 * Tr::kV >= C * C, "A_lo fits the dots partner stages");
   Elem* const alo_buf = dot_buf;
   auto load_alo = [&](int c) {
-    constexpr int kVecA = C / 8, kRowsA = kThreads / kVecA;
-    const int ra0 = tid / kVecA, ca = tid % kVecA * 8;
     const int64_t pos0 = seg_begin + int64_t(time_chunk(c)) * C;
-    const int rows_left = int(min(int64_t(C), len - pos0));
-    const int64_t a_off = token(pos0 + ra0) * H * C + ca;
-    CUTE_UNROLL
-    for (int j = 0; j < C / kRowsA; ++j) {
-      const bool valid = ra0 + j * kRowsA < rows_left;
-      cp_async_16(alo_buf + typename Tr::LayoutA{}(ra0 + j * kRowsA, ca),
-                  static_cast<const Elem*>(p.A_lo) + h * C + (valid ? a_off + j * kRowsA * H * C : 0), valid);
-    }
+    copy_rows(Int<kRowsA>{}, alo_buf, smem_off_a, static_cast<const Elem*>(p.A_lo) + h * C,
+              token(pos0 + ra0) * H * C + ca, int64_t(kRowsA) * H * C, ra0, int(min(int64_t(C), len - pos0)));
   };
   // Warp 0 fetches a chunk's raw gates early and scans them late (latency hidden).
   float raw_gate0 = 0.f, raw_gate1 = 0.f;
@@ -289,7 +306,9 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     raw_gate0 = gate(seg_begin + int64_t(c) * C + 2 * lane);
     raw_gate1 = gate(seg_begin + int64_t(c) * C + 2 * lane + 1);
   };
-  auto scan_gates = [&](int stage) {
+  auto scan_gates = [&](int stage) {   // running sums in log2 units
+    raw_gate0 *= kLog2e;
+    raw_gate1 *= kLog2e;
     const float pair = raw_gate0 + raw_gate1;
     float incl = pair;
     CUTE_UNROLL
@@ -318,8 +337,6 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   }
   // segment s > 0 of a split walk: fold in the segments before it, in order
   auto seg_state_off = [&](int s) { return ((int64_t(n) * p.num_segs + s) * H + h) * DK * DV + int64_t(tile) * BV; };
-  // GLA: one decay per key row, or per state column (decay_cols: tile columns of DV)
-  const int64_t decay_dim = kGla && p.decay_cols ? DV : DK;
   const int walked_before = chunks_reversed ? p.num_segs - 1 - seg : seg;
   if (!p.state_only && walked_before > 0) {
     for (int i_s = 0; i_s < walked_before; ++i_s) {
@@ -332,13 +349,13 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
           accH(i) = a[p.decay_cols ? tile * BV + get<1>(tHcH(i)) : get<0>(tHcH(i))] * accH(i) +
                     u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))];
       } else {
-        const float a = __expf(p.seg_gates[(int64_t(n) * p.num_segs + s) * H + h]);
+        const float a = exp2_ftz(p.seg_gates[(int64_t(n) * p.num_segs + s) * H + h]);
         CUTE_UNROLL
         for (int i = 0; i < size(accH); ++i) accH(i) = a * accH(i) + u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))];
       }
     }
   }
-  float gate_sum = 0.f;   // total log gate of this block's positions (state-only launch)
+  float gate_sum = 0.f;   // total log2 gate of this block's positions (state-only launch)
   // GLA: per key row, the product of the chunk decays of this block's positions (state-only
   // launch). m16n8 accumulators: values 0, 1 of an MMA sit on one row, 2, 3 eight rows below.
   constexpr int kStateM = DK / 64, kStateN = BV / 8;   // MMA_M, MMA_N of the state tile
@@ -421,12 +438,13 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     load_chunk(0, 0);
     if (kGla && p.A_lo != nullptr && !p.state_only) load_alo(0);
     cp_async_fence();
-    if (warp == 0) {
+    if (!kGla && warp == 0) {
       fetch_gates(0);
       scan_gates(0);
     }
   }
   store_state_smem();
+
 
   for (int c = 0; c < num_chunks; ++c) {
     const int stage = c & 1;
@@ -434,7 +452,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     __syncthreads();                     // chunk c, its gates and the state copy are visible
     if (c + 1 < num_chunks) {
       load_chunk(c + 1, stage ^ 1);
-      if (warp == 0) fetch_gates(c + 1);
+      if (!kGla && warp == 0) fetch_gates(c + 1);
     }
     cp_async_fence();
 
@@ -444,41 +462,124 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     Tensor sVt = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutVt{});   // (BV, C)
     Tensor sVst = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutVt{});                  // (BV, C)
     Tensor sHt = make_tensor(make_smem_ptr(ht_buf), typename Tr::LayoutHt{});                   // (BV, DK) view
-    const float* G = g_buf + stage * C;
-    const float g_last = G[C - 1];
-    gate_sum += g_last;
-    // GLA: the chunk's per-key decay exp(G_last) of the state rows this thread holds; the
-    // chunk's slot is its sequence's first slot plus its chunk index in the sequence
-    float key_decay[kStateM][2];
-    float col_decay[kStateN][2];   // decay_cols: the decays of the state columns this thread holds
-    int64_t slot = 0;
     if constexpr (kGla) {
-      slot = (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
-             int64_t(seg) * p.seg_chunks + time_chunk(c);
-      if (p.state_dots != nullptr && !p.state_only) state_dot(slot, c);
-      const float* decay = p.key_decay + (slot * H + h) * decay_dim;
+      // One barrier interval holds both products of the chunk: O from the state copy S_c in
+      // shared memory, and S_{c+1} in registers (its K~^T V product interleaves with Q~ S_c).
+      // The copy of S_{c+1} is written after the barrier that ends every warp's reads of S_c.
+      const int64_t slot = slot_of(c);
+      // the chunk's decays exp(G_last) of the state rows this thread holds (decay_cols: of its
+      // state columns)
+      const float* decay = decay_buf + stage * DK;
+      float key_decay[kStateM][2], col_decay[kStateN][2];
       if (p.decay_cols) {
         CUTE_UNROLL
         for (int nn = 0; nn < kStateN; ++nn)
           CUTE_UNROLL
-          for (int e = 0; e < 2; ++e) col_decay[nn][e] = decay[tile * BV + get<1>(tHcH(e, 0, nn))];
+          for (int e = 0; e < 2; ++e) col_decay[nn][e] = decay[get<1>(tHcH(e, 0, nn))];
       } else {
-      CUTE_UNROLL
-      for (int m = 0; m < kStateM; ++m) {
-        key_decay[m][0] = decay[get<0>(tHcH(0, m, 0))];
-        key_decay[m][1] = decay[get<0>(tHcH(2, m, 0))];
-        decay_prod[m][0] *= key_decay[m][0];
-        decay_prod[m][1] *= key_decay[m][1];
+        CUTE_UNROLL
+        for (int m = 0; m < kStateM; ++m) {
+          key_decay[m][0] = decay[get<0>(tHcH(0, m, 0))];
+          key_decay[m][1] = decay[get<0>(tHcH(2, m, 0))];
+        }
       }
+      if (!p.state_only) {
+        if (p.state_dots != nullptr) state_dot(slot, c);
+        if (p.states_out != nullptr) {   // the state entering chunk `slot`
+          float* out = static_cast<float*>(p.states_out) + (slot * H + h) * DK * DV + tile * BV;
+          CUTE_UNROLL
+          for (int i = 0; i < size(accH); i += 2)
+            *reinterpret_cast<float2*>(out + get<0>(tHcH(i)) * DV + get<1>(tHcH(i))) = make_float2(accH(i), accH(i + 1));
+        }
+      } else if (!p.decay_cols) {
+        CUTE_UNROLL
+        for (int m = 0; m < kStateM; ++m) {
+          decay_prod[m][0] *= key_decay[m][0];
+          decay_prod[m][1] *= key_decay[m][1];
+        }
       }
+      // S_{c+1} = diag(exp(G_last)) S_c + K~^T V; scale_update != 1 (backward):
+      // su * (decay S_c / su + K~^T V)
+      const bool scaled = p.scale_update != 1.f;
+      const float inv = scaled ? 1.f / p.scale_update : 1.f;
+      if (p.decay_cols) {
+        CUTE_UNROLL
+        for (int nn = 0; nn < kStateN; ++nn)
+          CUTE_UNROLL
+          for (int v = 0; v < size<0>(accH); ++v) {
+            const float f = col_decay[nn][v % 2] * inv;
+            CUTE_UNROLL
+            for (int m = 0; m < kStateM; ++m) accH(v, m, nn) *= f;
+          }
+      } else {
+        CUTE_UNROLL
+        for (int m = 0; m < kStateM; ++m)
+          CUTE_UNROLL
+          for (int v = 0; v < size<0>(accH); ++v) {
+            const float f = key_decay[m][v / 2] * inv;
+            CUTE_UNROLL
+            for (int nn = 0; nn < kStateN; ++nn) accH(v, m, nn) *= f;
+          }
+      }
+      if (!p.state_only) {
+        // O = Q~ S * scale_inter + A V, with q~ = q exp(G) and the scores A made by gla_intra
+        // (backward: A^T when the chunks are walked in reverse, no A for the inter-chunk terms)
+        Tensor sA = make_tensor(make_smem_ptr(a_buf + stage * C * C), typename Tr::LayoutA{});   // (C, C)
+        Tensor sAt = make_tensor(make_smem_ptr(a_buf + stage * C * C), typename Tr::LayoutAt{}); // (C, C) A^T
+        Tensor accO = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
+        clear(accO);
+        gemm_ss<Tr>(accO, sQ, sHt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
+        gemm_ss<Tr>(accH, sKt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+        CUTE_UNROLL
+        for (int i = 0; i < size(accO); ++i) accO(i) *= p.scale_inter;
+        if (p.A != nullptr) {
+          if (chunks_reversed)
+            gemm_ss<Tr>(accO, sAt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+          else
+            gemm_ss<Tr>(accO, sA, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
+        }
+        if (p.A_lo != nullptr) {
+          Tensor sL = make_tensor(make_smem_ptr(alo_buf), typename Tr::LayoutA{});     // (C, C)
+          Tensor sLt = make_tensor(make_smem_ptr(alo_buf), typename Tr::LayoutAt{});   // (C, C) transposed
+          if (chunks_reversed)
+            gemm_ss<Tr>(accO, sLt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+          else
+            gemm_ss<Tr>(accO, sL, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
+        }
+        if (p.o_fp32) {
+          float* o = static_cast<float*>(p.o) + h * DV + tile * BV;
+          CUTE_UNROLL
+          for (int i = 0; i < size(accO); i += 2) {
+            const int64_t pos = seg_begin + int64_t(time_chunk(c)) * C + get<0>(tOcO(i));
+            if (pos < len)
+              *reinterpret_cast<float2*>(o + token(pos) * H * DV + get<1>(tOcO(i))) = make_float2(accO(i), accO(i + 1));
+          }
+        } else {
+          store_output(accO, sQ, time_chunk(c));
+        }
+      } else {
+        gemm_ss<Tr>(accH, sKt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+      }
+      if (scaled) {
+        CUTE_UNROLL
+        for (int i = 0; i < size(accH); ++i) accH(i) *= p.scale_update;
+      }
+      __syncthreads();                   // every warp is done with the state copy (and A_lo)
+      if (p.A_lo != nullptr && !p.state_only && c + 1 < num_chunks) {
+        load_alo(c + 1);
+        cp_async_fence();
+      }
+      store_state_smem();
+      continue;
     }
+    const float* G = g_buf + stage * C;
+    const float g_last = G[C - 1];
+    gate_sum += g_last;
 
     // V scaled by its decay to the chunk end, for the state update (read after the next barrier).
-    // GLA: k arrives scaled instead, and v is used as it is.
-    if constexpr (!kGla) {
     CUTE_UNROLL
     for (int j = 0; j < C / kRowsV; ++j) {
-      const float w = __expf(g_last - G[rv0 + j * kRowsV]) * p.scale_update;
+      const float w = exp2_ftz(g_last - G[rv0 + j * kRowsV]) * p.scale_update;
       cute::array<Elem, 8> x;
       *reinterpret_cast<cute::uint128_t*>(x.data()) =
           *reinterpret_cast<const cute::uint128_t*>(v_buf + stage * Tr::kV + smem_off_v[j]);
@@ -486,63 +587,27 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       for (int e = 0; e < 8; ++e) x[e] = static_cast<Elem>(static_cast<float>(x[e]) * w);
       *reinterpret_cast<cute::uint128_t*>(vs_buf + smem_off_v[j]) = *reinterpret_cast<const cute::uint128_t*>(x.data());
     }
-    }
 
-    if constexpr (kGla) {
-      if (!p.state_only) {
-      // O = Q~ S * scale_inter + A V, with q~ = q exp(G) and the scores A made by gla_intra
-      // (backward: A^T when the chunks are walked in reverse, no A for the inter-chunk terms)
-      Tensor sA = make_tensor(make_smem_ptr(a_buf + stage * C * C), typename Tr::LayoutA{});   // (C, C)
-      Tensor sAt = make_tensor(make_smem_ptr(a_buf + stage * C * C), typename Tr::LayoutAt{}); // (C, C) A^T
-      Tensor accO = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});     // (MMA, MMA_M, MMA_N)
-      clear(accO);
-      gemm_ss<Tr>(accO, sQ, sHt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
-      CUTE_UNROLL
-      for (int i = 0; i < size(accO); ++i) accO(i) *= p.scale_inter;
-      if (p.A != nullptr) {
-        if (chunks_reversed)
-          gemm_ss<Tr>(accO, sAt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
-        else
-          gemm_ss<Tr>(accO, sA, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
-      }
-      if (p.A_lo != nullptr) {
-        Tensor sL = make_tensor(make_smem_ptr(alo_buf), typename Tr::LayoutA{});     // (C, C)
-        Tensor sLt = make_tensor(make_smem_ptr(alo_buf), typename Tr::LayoutAt{});   // (C, C) transposed
-        if (chunks_reversed)
-          gemm_ss<Tr>(accO, sLt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
-        else
-          gemm_ss<Tr>(accO, sL, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
-      }
-      if (p.o_fp32) {
-        float* o = static_cast<float*>(p.o) + h * DV + tile * BV;
-        CUTE_UNROLL
-        for (int i = 0; i < size(accO); i += 2) {
-          const int64_t pos = seg_begin + int64_t(time_chunk(c)) * C + get<0>(tOcO(i));
-          if (pos < len)
-            *reinterpret_cast<float2*>(o + token(pos) * H * DV + get<1>(tOcO(i))) = make_float2(accO(i), accO(i + 1));
-        }
-      } else {
-        store_output(accO, sQ, time_chunk(c));
-      }
-      }
-    } else if (!p.state_only) {
+    if (!p.state_only) {
     // P = (Q K^T) * D * scale_intra
       Tensor accS = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});      // (MMA, MMA_M, MMA_N)
       clear(accS);
       gemm_ss<Tr>(accS, sQ, sK, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
       {
+        // element i of n-block nb sits at row r0 + 8 * h8, column c0 + 8 * nb + e; the decay
+        // goes through a select, not a branch (a branch per element cost a third of the walk)
         const int r0 = get<0>(tScS(0)), c0 = get<1>(tScS(0));
         const float g_row[2] = {G[r0], G[r0 + 8]};
         CUTE_UNROLL
         for (int nb = 0; nb < C / 8; ++nb) {
+          const float2 g_col = *reinterpret_cast<const float2*>(G + c0 + 8 * nb);
           CUTE_UNROLL
           for (int e = 0; e < 2; ++e) {
-            const int col = c0 + 8 * nb + e;
-            const float g_col = G[col];
             CUTE_UNROLL
             for (int h8 = 0; h8 < 2; ++h8) {
-              const int i = nb * 4 + h8 * 2 + e, r = r0 + 8 * h8;
-              accS(i) = col <= r ? accS(i) * __expf(g_row[h8] - g_col) * p.scale_intra : 0.f;
+              const int i = nb * 4 + h8 * 2 + e;
+              const float x = accS(i) * exp2_ftz(g_row[h8] - (e ? g_col.y : g_col.x)) * p.scale_intra;
+              accS(i) = c0 + 8 * nb + e <= r0 + 8 * h8 ? x : 0.f;
             }
           }
         }
@@ -558,7 +623,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       gemm_ss<Tr>(accO, sQ, sHt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
       {
         const int r0 = get<0>(tOcO(0));
-        const float w[2] = {__expf(G[r0]) * p.scale_inter, __expf(G[r0 + 8]) * p.scale_inter};
+        const float w[2] = {exp2_ftz(G[r0]) * p.scale_inter, exp2_ftz(G[r0 + 8]) * p.scale_inter};
         CUTE_UNROLL
         for (int i = 0; i < size(accO); ++i) accO(i) *= w[(i / 2) % 2];
       }
@@ -590,42 +655,13 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
         }
       }
       store_output(accO, sQ, c);
-  
     }
     __syncthreads();                     // scaled v written; every warp is done with the state copy
-    if (kGla && p.A_lo != nullptr && !p.state_only && c + 1 < num_chunks) {   // (and with A_lo)
-      load_alo(c + 1);
-      cp_async_fence();
-    }
-    if (kGla && p.states_out != nullptr && !p.state_only) {   // the state entering chunk `slot`
-      float* out = static_cast<float*>(p.states_out) + (slot * H + h) * DK * DV + tile * BV;
-      CUTE_UNROLL
-      for (int i = 0; i < size(accH); i += 2)
-        *reinterpret_cast<float2*>(out + get<0>(tHcH(i)) * DV + get<1>(tHcH(i))) = make_float2(accH(i), accH(i + 1));
-    }
-    // S = exp(G_last) S + K^T Vs   (GLA: diag(exp(G_last)) S + K~^T V)
-    if constexpr (kGla) {
-      // scale_update != 1 (backward): S = su * (decay S / su + K~^T V)
-      const bool scaled = p.scale_update != 1.f;
-      const float inv = scaled ? 1.f / p.scale_update : 1.f;
-      CUTE_UNROLL
-      for (int m = 0; m < kStateM; ++m)
-        CUTE_UNROLL
-        for (int nn = 0; nn < kStateN; ++nn)
-          CUTE_UNROLL
-          for (int v = 0; v < size<0>(accH); ++v)
-            accH(v, m, nn) *= (p.decay_cols ? col_decay[nn][v % 2] : key_decay[m][v / 2]) * inv;
-      gemm_ss<Tr>(accH, sKt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
-      if (scaled) {
-        CUTE_UNROLL
-        for (int i = 0; i < size(accH); ++i) accH(i) *= p.scale_update;
-      }
-    } else {
-      const float a = __expf(g_last);
-      CUTE_UNROLL
-      for (int i = 0; i < size(accH); ++i) accH(i) *= a;
-      gemm_ss<Tr>(accH, sKt, sVst, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
-    }
+    // S = exp(G_last) S + K^T Vs
+    const float a = exp2_ftz(g_last);
+    CUTE_UNROLL
+    for (int i = 0; i < size(accH); ++i) accH(i) *= a;
+    gemm_ss<Tr>(accH, sKt, sVst, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
     store_state_smem();
     if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
   }

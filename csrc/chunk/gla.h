@@ -30,21 +30,25 @@
 
 namespace fla {
 
-struct GlaIntraParams {
+// What gla_intra and gla_bwd_intra both read: the inputs, the chunk slots, the scale.
+struct GlaChunkInputs {
   const void* q;
   const void* k;
   const void* g;
-  bool g_fp32;               // else g has the input dtype
+  bool g_fp32;                   // else g has the input dtype
+  const int64_t* cu_seqlens;     // [N + 1] or null
+  const int64_t* chunk_offsets;  // [N + 1] with cu_seqlens
+  int B, T, H, N;
+  int slots;                     // grid size: chunk slots (an upper bound with cu_seqlens)
+  float scale;
+};
+
+struct GlaIntraParams : GlaChunkInputs {
   void* q_gated;
   void* k_gated;
   void* A;
   void* A_lo;                // may be null: A - A rounded to the input dtype (the backward's dv)
   float* key_decay;
-  const int64_t* cu_seqlens;     // [N + 1] or null
-  const int64_t* chunk_offsets;  // [N + 1] with cu_seqlens
-  int B, T, H, N;
-  int slots;                 // grid size: chunk slots (an upper bound with cu_seqlens)
-  float scale;
 };
 
 template <typename Elem, int DK>
@@ -79,11 +83,7 @@ void run_gla_intra(const GlaIntraParams& p, cudaStream_t stream);
 // h_{c+1} itself, built from k~ rounded to bf16, they left that rounding in dg (1.4e-2 in
 // the last chunk, against dht). Summing the terms of later chunks instead would add up
 // their bf16-operand errors over the whole sequence.
-struct GlaBwdIntraParams {
-  const void* q;
-  const void* k;
-  const void* g;
-  bool g_fp32;
+struct GlaBwdIntraParams : GlaChunkInputs {
   const void* v;
   const void* dout;
   const float* dq_inter;         // P [B*T, H, K]
@@ -92,11 +92,7 @@ struct GlaBwdIntraParams {
   void* dk;
   const float* state_dots;       // [slots, H, K]
   void* dg;                      // [B*T, H, K] g's dtype; 0 where g was clamped
-  const int64_t* cu_seqlens;     // [N + 1] or null
-  const int64_t* chunk_offsets;  // [N + 1] with cu_seqlens
-  int B, T, H, N, K, V;
-  int slots;
-  float scale;
+  int K, V;
 };
 
 template <typename Elem>

@@ -224,14 +224,7 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       CUTE_UNROLL
       for (int i = 0; i < C / 2; ++i) clamped |= uint32_t(rg[i] < kMinLogGate) << i;
       sClamp[ghalf * KS + gcol] = clamped;
-      scan_gate_rows(rg);
-      const bool strong = rg[S - 1] - rg[0] < -max_fold_span2<Elem>() || rg[2 * S - 1] - rg[S] < -max_fold_span2<Elem>();
-      sTot[ghalf * KS + gcol] = rg[C / 2 - 1];
-      __syncthreads();
-      const float base = ghalf > 0 ? sTot[gcol] : 0.f;
-      CUTE_UNROLL
-      for (int i = 0; i < C / 2; ++i) sG[(grow0 + i) * LDG + gcol] = rg[i] + base;
-      exact = __syncthreads_or(strong);   // and: G, q, k of the slice are visible
+      exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, LDG, ghalf, gcol, grow0);   // and: q, k visible
     }
 
     // the rest of the slice, compiled twice: the rare `exact` variant stays out of the hot

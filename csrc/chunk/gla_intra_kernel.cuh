@@ -15,15 +15,6 @@
 namespace fla {
 namespace chunk {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
-// 2^x in one MUFU instruction (denormal results flush to zero: decays below 1e-38).
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Strongest sub-chunk gate sum (16 positions, log2 units) folded into the diagonal block's
 // operands: K_d grows up to 2^-span. bf16 has fp32's range (2^86 leaves room for |k|); fp16
 // ends at 65504, so there 2^8.
@@ -85,6 +76,27 @@ __device__ __forceinline__ void scan_gate_rows(float (&rg)[R]) {
   rg[0] = fmaxf(rg[0], kMinLogGate) * kLog2e;
   CUTE_UNROLL
   for (int i = 1; i < R; ++i) rg[i] = rg[i - 1] + fmaxf(rg[i], kMinLogGate) * kLog2e;
+}
+
+// One slice's gate step, shared by gla_intra and gla_bwd_intra: each thread holds the raw
+// gates of rows grow0.. grow0 + C/2 - 1 of column gcol (the column's half `ghalf`); they
+// become running sums over the chunk (log2 units) in sG (rows `ldg` floats apart), with the
+// first half's totals passed through sTot. Returns, to every thread, whether some 16-row
+// sub-chunk of the slice decays too strongly to fold its diagonal block (then the slice
+// takes the exact variant). Ends with a barrier: G and what was stored before it are visible.
+template <typename Elem, int KS, int R>
+__device__ __forceinline__ bool scan_slice_gates(float (&rg)[R], float* sTot, float* sG, int ldg, int ghalf,
+                                                 int gcol, int grow0) {
+  constexpr int S = 16;
+  static_assert(R == 2 * S, "a half chunk of two sub-chunks per thread");
+  scan_gate_rows(rg);
+  const bool strong = rg[S - 1] - rg[0] < -max_fold_span2<Elem>() || rg[2 * S - 1] - rg[S] < -max_fold_span2<Elem>();
+  sTot[ghalf * KS + gcol] = rg[R - 1];
+  __syncthreads();
+  const float base = ghalf > 0 ? sTot[gcol] : 0.f;
+  CUTE_UNROLL
+  for (int i = 0; i < R; ++i) sG[(grow0 + i) * ldg + gcol] = rg[i] + base;
+  return __syncthreads_or(strong);
 }
 
 template <typename Elem_, int DK_>
@@ -184,15 +196,7 @@ __global__ void __launch_bounds__(128) gla_intra_kernel(const __grid_constant__ 
       *reinterpret_cast<Vec*>(sQ + r * KS + cc) = rq[m];
       *reinterpret_cast<Vec*>(sK + r * KS + cc) = rk[m];
     }
-    scan_gate_rows(rg);
-    // does a sub-chunk of this half decay too strongly to fold its diagonal block?
-    const bool strong = rg[S - 1] - rg[0] < -max_fold_span2<Elem>() || rg[2 * S - 1] - rg[S] < -max_fold_span2<Elem>();
-    sTot[ghalf * KS + gcol] = rg[C / 2 - 1];
-    __syncthreads();
-    const float base = ghalf > 0 ? sTot[gcol] : 0.f;
-    CUTE_UNROLL
-    for (int i = 0; i < C / 2; ++i) sG[(grow0 + i) * KS + gcol] = rg[i] + base;
-    const bool exact = __syncthreads_or(strong);   // and: G, q, k of the slice are visible
+    const bool exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, KS, ghalf, gcol, grow0);   // and: q, k visible
     any_exact |= exact;
 
     // 2. gated q and k for the pass, and exp(G_last) of the slice
