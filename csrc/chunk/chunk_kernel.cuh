@@ -128,9 +128,10 @@ __device__ __forceinline__ void gemm_ss(Acc& acc, TA const& sA, TB const& sB, Co
   }
 }
 
-// acc += A B^T with A already in registers (as an A operand) and B (N, K) in shared memory.
+// acc += A B^T with A already in registers (as an A operand) and B (N, K) in shared memory;
+// only the k16 blocks below kb_hi when given (uniform within a warp).
 template <class Tr, class RA, class TB, class Acc, class CopyB>
-__device__ __forceinline__ void gemm_rs(Acc& acc, RA const& tCrA, TB const& sB, CopyB, int tid) {
+__device__ __forceinline__ void gemm_rs(Acc& acc, RA const& tCrA, TB const& sB, CopyB, int tid, int kb_hi = 1 << 30) {
   typename Tr::TiledMma mma;
   auto thr = mma.get_slice(tid);
   Tensor tCrB = thr.partition_fragment_B(sB);                 // (MMA, MMA_N, MMA_K)
@@ -142,6 +143,7 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RA const& tCrA, TB const& sB, 
   CUTE_STATIC_ASSERT_V(size<2>(tCrA) == size<2>(tCrB));
   CUTE_UNROLL
   for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+    if (kb >= kb_hi) continue;
     copy(copy_b, tCsB(_, _, kb), tCrB_v(_, _, kb));
     gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
   }
@@ -208,14 +210,14 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   auto token = [&](int64_t pos) { return bos + (flip ? len - 1 - pos : pos); };
   // the chunk (in time order within the segment) walked c-th
   auto time_chunk = [&](int c) { return chunks_reversed ? num_chunks - 1 - c : c; };
-  // log gate applied to the state before position pos (see chunk.h for the reverse shift)
-  auto gate_at_token = [&](int64_t t) -> float {   // clamped log gate of token t
-    const float x = p.g != nullptr ? p.g[t * H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f);
-    return fmaxf(x, kMinLogGate);
+  // log gate applied to the state before position pos (see chunk.h for the reverse shift),
+  // not yet clamped: the clamp waits for the load, so it comes with the scan, a chunk later
+  auto raw_gate_at_token = [&](int64_t t) -> float {
+    return p.g != nullptr ? p.g[t * H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f);
   };
-  auto gate = [&](int64_t pos) -> float {
+  auto raw_gate = [&](int64_t pos) -> float {
     if (pos >= len || (p.reverse && pos == 0)) return 0.f;
-    return gate_at_token(p.reverse ? bos + len - pos : bos + pos);
+    return raw_gate_at_token(p.reverse ? bos + len - pos : bos + pos);
   };
 
   const Elem* q = static_cast<const Elem*>(p.q) + h * DK;
@@ -303,12 +305,12 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   // Warp 0 fetches a chunk's raw gates early and scans them late (latency hidden).
   float raw_gate0 = 0.f, raw_gate1 = 0.f;
   auto fetch_gates = [&](int c) {
-    raw_gate0 = gate(seg_begin + int64_t(c) * C + 2 * lane);
-    raw_gate1 = gate(seg_begin + int64_t(c) * C + 2 * lane + 1);
+    raw_gate0 = raw_gate(seg_begin + int64_t(c) * C + 2 * lane);
+    raw_gate1 = raw_gate(seg_begin + int64_t(c) * C + 2 * lane + 1);
   };
-  auto scan_gates = [&](int stage) {   // running sums in log2 units
-    raw_gate0 *= kLog2e;
-    raw_gate1 *= kLog2e;
+  auto scan_gates = [&](int stage) {   // running sums of the clamped gates in log2 units
+    raw_gate0 = fmaxf(raw_gate0, kMinLogGate) * kLog2e;
+    raw_gate1 = fmaxf(raw_gate1, kMinLogGate) * kLog2e;
     const float pair = raw_gate0 + raw_gate1;
     float incl = pair;
     CUTE_UNROLL
@@ -532,19 +534,21 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
         gemm_ss<Tr>(accH, sKt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
         CUTE_UNROLL
         for (int i = 0; i < size(accO); ++i) accO(i) *= p.scale_inter;
+        // A is zero above its diagonal: the warp's rows need key blocks 0..warp of A, and
+        // warp..3 of A^T
         if (p.A != nullptr) {
           if (chunks_reversed)
-            gemm_ss<Tr>(accO, sAt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+            gemm_ss<Tr>(accO, sAt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid, warp);
           else
-            gemm_ss<Tr>(accO, sA, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
+            gemm_ss<Tr>(accO, sA, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid, 0, warp + 1);
         }
         if (p.A_lo != nullptr) {
           Tensor sL = make_tensor(make_smem_ptr(alo_buf), typename Tr::LayoutA{});     // (C, C)
           Tensor sLt = make_tensor(make_smem_ptr(alo_buf), typename Tr::LayoutAt{});   // (C, C) transposed
           if (chunks_reversed)
-            gemm_ss<Tr>(accO, sLt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid);
+            gemm_ss<Tr>(accO, sLt, sVt, typename Tr::LdsmT{}, typename Tr::LdsmT{}, tid, warp);
           else
-            gemm_ss<Tr>(accO, sL, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid);
+            gemm_ss<Tr>(accO, sL, sVt, typename Tr::LdsmN{}, typename Tr::LdsmT{}, tid, 0, warp + 1);
         }
         if (p.o_fp32) {
           float* o = static_cast<float*>(p.o) + h * DV + tile * BV;
@@ -627,7 +631,8 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
         CUTE_UNROLL
         for (int i = 0; i < size(accO); ++i) accO(i) *= w[(i / 2) % 2];
       }
-      gemm_rs<Tr>(accO, tOrP, sVt, typename Tr::LdsmT{}, tid);
+      // P is zero past the warp's diagonal block: its key blocks 0..warp only
+      gemm_rs<Tr>(accO, tOrP, sVt, typename Tr::LdsmT{}, tid, warp + 1);
   
       // Epilogue. Optional per-row dot products with another tensor (dg of the backward).
       if (p.dots != nullptr) {   // partner rows were prefetched with the chunk (zeros past the end)
@@ -699,7 +704,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   }
   if (p.ht != nullptr && last_seg) {
     // reverse: the first step's gate still applies (dL/dS_{-1} = exp(g_0) dL/dS_0)
-    const float a = (flip && len > 0) ? __expf(gate_at_token(bos)) : 1.f;
+    const float a = (flip && len > 0) ? __expf(fmaxf(raw_gate_at_token(bos), kMinLogGate)) : 1.f;
     CUTE_UNROLL
     for (int i = 0; i < size(accH); ++i)
       p.ht[state_off + get<0>(tHcH(i)) * p.state_stride_k + get<1>(tHcH(i)) * p.state_stride_v] = accH(i) * a;
