@@ -447,7 +447,6 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   }
   store_state_smem();
 
-
   for (int c = 0; c < num_chunks; ++c) {
     const int stage = c & 1;
     cp_async_wait<0>();
