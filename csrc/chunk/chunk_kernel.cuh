@@ -261,11 +261,12 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       }
     }
   };
-  // GLA: the chunk's slot is its sequence's first slot plus its chunk index in the sequence
-  auto slot_of = [&](int c) {
-    return (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
-           int64_t(seg) * p.seg_chunks + time_chunk(c);
-  };
+  // GLA: the chunk's slot is its segment's first slot plus its chunk index in the segment
+  // (the first slot is read once: chunk_offsets is a global load in front of the decay copy)
+  const int64_t seg_slot0 = kGla ? (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
+                                       int64_t(seg) * p.seg_chunks
+                                 : 0;
+  auto slot_of = [&](int c) { return seg_slot0 + time_chunk(c); };
   // GLA: one decay per key row, or per state column (decay_cols: tile columns of DV)
   const int64_t decay_dim = kGla && p.decay_cols ? DV : DK;
   // GLA: the chunk's decays, staged with its inputs (vs_buf is free in GLA mode): read from
@@ -680,12 +681,10 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     for (int i = 0; i < size(accH); ++i) u[get<0>(tHcH(i)) * DV + get<1>(tHcH(i))] = accH(i);
     if constexpr (kGla) {
       if (p.decay_cols) {   // per column: the product over the segment's chunks, from key_decay
-        const int64_t slot0 = (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
-                              int64_t(seg) * p.seg_chunks;
         float* a = p.seg_gates + ((int64_t(n) * p.num_segs + seg) * H + h) * DV + tile * BV;
         for (int col = tid; col < BV; col += kThreads) {
           float prod = 1.f;
-          for (int cc = 0; cc < num_chunks; ++cc) prod *= p.key_decay[((slot0 + cc) * H + h) * DV + tile * BV + col];
+          for (int cc = 0; cc < num_chunks; ++cc) prod *= p.key_decay[((seg_slot0 + cc) * H + h) * DV + tile * BV + col];
           a[col] = prod;
         }
       } else if (tile == 0 && lane % 4 == 0) {   // the first lane of each quad holds distinct rows
