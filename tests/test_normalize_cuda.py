@@ -28,8 +28,16 @@ def make_inputs(B, T, H, K, V, dtype, N, seed=0):
     return x
 
 
-def run_pair(x, scale, cu_seqlens, with_z0=True):
-    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+def shifted(t):
+    """t's values in a contiguous tensor 2 bytes past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def run_pair(x, scale, cu_seqlens, with_z0=True, place=torch.clone):
+    leaves = {n: place(t.detach()).requires_grad_() for n, t in x.items()}
     ref_leaves = {n: t.detach().double().requires_grad_() for n, t in x.items()}
     z0 = leaves["z0"] if with_z0 else None
     rz0 = ref_leaves["z0"] if with_z0 else None
@@ -56,10 +64,24 @@ def test_dense(dtype, T):
         assert_close(name, r, o, TOL[dtype])
 
 
-@pytest.mark.parametrize("K,V", [(128, 128), (256, 256), (100, 48), (64, 36)])  # V=36: not whole 16-byte vectors
-def test_head_dims_without_state(K, V):
-    x = make_inputs(1, 200, 2, K, V, torch.bfloat16, N=1)
+# Key rows of 4, 8, 16 and 32 16-byte vectors (the key-vector kernels), and the per-channel
+# kernels they fall back to: K not whole vectors (100), more than 32 of them (fp32 K=256).
+# V=36 is not whole 16-byte vectors (the per-element value path).
+@pytest.mark.parametrize("dtype,K,V", [(torch.bfloat16, 32, 32), (torch.bfloat16, 128, 128),
+                                       (torch.float16, 256, 256), (torch.bfloat16, 100, 48),
+                                       (torch.bfloat16, 64, 36), (torch.float32, 16, 16),
+                                       (torch.float32, 128, 64), (torch.float32, 256, 128)])
+def test_head_dims_without_state(dtype, K, V):
+    x = make_inputs(1, 200, 2, K, V, dtype, N=1)
     for name, (r, o) in run_pair(x, K ** -0.5, None, with_z0=False).items():
+        assert_close(name, r, o, TOL[dtype])
+
+
+def test_unaligned_inputs():
+    """Inputs 2 bytes past a 16-byte boundary take the per-channel and per-element kernels,
+    with the accuracy of the vector ones."""
+    x = make_inputs(2, 150, 2, 128, 64, torch.bfloat16, N=2)
+    for name, (r, o) in run_pair(x, 0.1, None, place=shifted).items():
         assert_close(name, r, o, TOL[torch.bfloat16])
 
 
