@@ -21,8 +21,8 @@ STABLE_TORCH_LIBRARY(fla_cuda, m) {
       "Tensor? cu_seqlens, float scale, bool output_final_state) -> (Tensor o, Tensor ht)");
   m.def(
       "chunk_simple_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? g_gamma, Tensor? h0, "
-      "Tensor? cu_seqlens, Tensor do, Tensor? dht, float scale, bool need_dg, bool need_dh0) -> "
-      "(Tensor dq, Tensor dk, Tensor dv, Tensor dq_dots, Tensor dk_dots, Tensor dh0)");
+      "Tensor? cu_seqlens, Tensor? chunk_offsets, Tensor do, Tensor? dht, Tensor? dg_sink, float scale, "
+      "bool need_dg, bool need_dh0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)");
   m.def(
       "chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
       "Tensor? chunk_offsets, float scale, bool output_final_state) -> (Tensor o, Tensor ht, Tensor q_gated, "

@@ -81,9 +81,9 @@ def test_dh_is_the_gradient_of_each_chunk_state():
 
 
 def test_gate_gradient_scan_per_sequence():
-    """The chunk kernels' dg assembly (fla_cuda.ops.chunk_cuda._gate_gradient): a reverse
-    cumulative sum inside each packed sequence plus that sequence's sink term."""
-    from fla_cuda.ops.chunk_cuda import _gate_gradient
+    """The chunk kernels' dg assembly (in PyTorch: reference.chunk_simple_gla.gate_gradient): a
+    reverse cumulative sum inside each packed sequence plus that sequence's sink term."""
+    from fla_cuda.reference.chunk_simple_gla import gate_gradient as _gate_gradient
     x = torch.randn(1, 9, 3, dtype=torch.float64)
     cu = torch.tensor([0, 4, 4, 9])
     sink = torch.randn(3, 3, dtype=torch.float64)

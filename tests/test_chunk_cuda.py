@@ -99,6 +99,14 @@ def test_varlen_with_empty_sequence():
     check(*run_pair(x, cu_seqlens=make_cu_seqlens(lengths, device="cuda")), TOL[torch.bfloat16])
 
 
+def test_long_packed_sequences():
+    """Sequences of hundreds of chunks: the gate gradient's per-sequence scan takes runs of
+    several chunks per thread (csrc/chunk/gate_grad.cu); the sink <ht, dht> of each sequence."""
+    lengths = [17000, 3, 20001]
+    x = make_inputs(1, sum(lengths), 2, 64, 64, torch.bfloat16, "g", N=len(lengths))
+    check(*run_pair(x, cu_seqlens=make_cu_seqlens(lengths, device="cuda")), TOL[torch.bfloat16])
+
+
 def test_backward_deterministic():
     x = make_inputs(2, 1000, 4, 128, 128, torch.bfloat16, "g")
     a, _ = run_pair(x)
@@ -134,7 +142,7 @@ def test_million_tokens_bounded_memory():
     gs = torch.autograd.grad((o.float().sum() + ht.sum()), leaves)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    # leaves, o, their grads and the fp64 gate-gradient scan: a few times the inputs, no per-chunk states
+    # leaves, o, their grads and the per-token gate dots: a few times the inputs, no per-chunk states
     assert peak < 8 * inputs, f"peak {peak / 2**30:.2f} GiB for {inputs / 2**30:.2f} GiB of inputs"
     assert torch.isfinite(o).all() and torch.isfinite(ht).all()
     assert all(torch.isfinite(x).all() for x in gs)
@@ -162,7 +170,8 @@ def test_torch_compile_fullgraph_and_opcheck():
     do = torch.randn_like(x["v"])
     dht = torch.randn_like(x["h0"])
     torch.library.opcheck(torch.ops.fla_cuda.chunk_simple_gla_bwd.default,
-                          (x["q"], x["k"], x["v"], x["g"], None, x["h0"], None, do, dht, 0.125, True, True))
+                          (x["q"], x["k"], x["v"], x["g"], None, x["h0"], None, None, do, dht,
+                           torch.randn(x["h0"].shape[:2], device="cuda"), 0.125, True, True))
 
 
 # ------------------------------------------------------------------------------------------

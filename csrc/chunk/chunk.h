@@ -39,6 +39,8 @@
 namespace fla {
 
 constexpr int kChunk = 64;
+// Gates are clamped from below: -inf - (-inf) would be NaN; exp(-1e4) is 0 anyway.
+constexpr float kMinLogGate = -1e4f;
 
 struct ChunkParams {
   const void* q;
@@ -100,5 +102,25 @@ constexpr int chunk_value_tile(int DK) { return DK >= 128 ? 32 : 64; }
 
 template <typename Elem, int DK, bool kGla = false>
 void run_chunk_pass(const ChunkParams& p, cudaStream_t stream);
+
+// The scalar gate's gradient from the backward passes' per-token dots (chunk_cuda.py):
+//   dg_t = sum over s >= t in t's sequence of a_s, plus sink of the sequence,
+//   a_s  = sum over tiles of dq_dots[tile, s] - sum over tiles of dk_dots[tile, s]
+// (every (source j < t <= sink i) pair carries g_t), summed in fp64 in a fixed order, and 0
+// where g was clamped (g < kMinLogGate). One slot per (chunk of kChunk rows) as GLA's grid
+// (chunk_offsets with cu_seqlens); chunk_totals [slots, H] fp64 is scratch.
+struct GateGradParams {
+  const float* dq_dots;        // [tiles, B*T, H]
+  const float* dk_dots;        // [tiles, B*T, H]
+  const float* g;              // [B*T, H] or null (no clamp mask)
+  const float* sink;           // [N, H] or null
+  const int64_t* cu_seqlens;   // [N + 1] or null
+  const int64_t* chunk_offsets;   // [N + 1] with cu_seqlens
+  double* chunk_totals;
+  float* dg;                   // [B*T, H]
+  int B, T, H, N, tiles, slots;
+};
+
+void run_chunk_gate_grad(const GateGradParams& p, cudaStream_t stream);
 
 }  // namespace fla

@@ -80,6 +80,21 @@ void launch_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) 
 
 int64_t value_tiles(int64_t dk, int64_t dv) { return dv / chunk_value_tile(static_cast<int>(dk)); }
 
+// chunk_offsets [N + 1] int64 (first chunk slot of each packed sequence) comes with
+// cu_seqlens; returns the number of chunk slots of per-chunk grids: packed,
+// sum_n ceil(len_n / C) <= ceil(T / C) + N (blocks past the last chunk exit).
+int64_t check_chunk_offsets(const Tensor& q, const std::optional<Tensor>& cu_seqlens,
+                            const std::optional<Tensor>& chunk_offsets, const Dims& d) {
+  STD_TORCH_CHECK(cu_seqlens.has_value() == chunk_offsets.has_value(), "fla_cuda: chunk_offsets comes with cu_seqlens");
+  if (chunk_offsets.has_value()) {
+    check_cuda_tensor(*chunk_offsets, "chunk_offsets", q);
+    STD_TORCH_CHECK(chunk_offsets->scalar_type() == ScalarType::Long, "fla_cuda: chunk_offsets must be int64");
+    check_sizes(*chunk_offsets, "chunk_offsets", {d.N + 1});
+  }
+  const int64_t chunks = (d.T + kChunk - 1) / kChunk;
+  return cu_seqlens.has_value() ? chunks + d.N : d.B * chunks;
+}
+
 // One walk per (value tile, head, sequence) when there are at least as many walks as SMs
 // (the split costs an extra state-only launch, measured slower than a nearly full wave);
 // otherwise dense batches split every sequence into segments of at least 2 chunks, as many
@@ -138,11 +153,12 @@ std::tuple<Tensor, Tensor> chunk_simple_gla_fwd(Tensor q, Tensor k, Tensor v, st
 //   dq = pass(do, v, k; state h0^T, forward)           scales (s, s, 1)
 //   dk = pass(v, do, q; state dht^T, reverse)          scales (s, 1, s)
 //   dv = pass(k, q, do; state dht, reverse) -> dh0     scales (s, 1, s)
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
     Tensor q, Tensor k, Tensor v, std::optional<Tensor> g, std::optional<Tensor> g_gamma,
-    std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens, Tensor dout, std::optional<Tensor> dht,
-    double scale, bool need_dg, bool need_dh0) {
+    std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens, std::optional<Tensor> chunk_offsets, Tensor dout,
+    std::optional<Tensor> dht, std::optional<Tensor> dg_sink, double scale, bool need_dg, bool need_dh0) {
   const Dims d = check_inputs(q, k, v, g, g_gamma, cu_seqlens);
+  const int64_t slots = check_chunk_offsets(q, cu_seqlens, chunk_offsets, d);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   check_cuda_tensor(dout, "do", q);
   check_sizes(dout, "do", {d.B, d.T, d.H, d.V});
@@ -197,27 +213,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
   ChunkParams pv = reverse_pass(k, q, dout, dv, false);
   pv.ht = need_dh0 ? static_cast<float*>(dh0.data_ptr()) : nullptr;
   run_pass(pv, q, stream);
-  return {dq, dk, dv, dq_dots, dk_dots, dh0};
+  if (!need_dg) return {dq, dk, dv, nothing(q), dh0};
+
+  Tensor dg = empty_f32(q, {d.B, d.T, d.H});
+  Tensor chunk_totals = torch::stable::new_empty(q, {slots, d.H}, ScalarType::Double);
+  GateGradParams grad{};
+  grad.dq_dots = static_cast<const float*>(dq_dots.data_ptr());
+  grad.dk_dots = static_cast<const float*>(dk_dots.data_ptr());
+  grad.g = gp;
+  grad.sink = opt_f32(dg_sink, "dg_sink", q, {d.N, d.H});
+  grad.cu_seqlens = pq.cu_seqlens;
+  grad.chunk_offsets = chunk_offsets.has_value() ? static_cast<const int64_t*>(chunk_offsets->data_ptr()) : nullptr;
+  grad.chunk_totals = static_cast<double*>(chunk_totals.data_ptr());
+  grad.dg = static_cast<float*>(dg.data_ptr());
+  grad.B = static_cast<int>(d.B);
+  grad.T = static_cast<int>(d.T);
+  grad.H = static_cast<int>(d.H);
+  grad.N = static_cast<int>(d.N);
+  grad.tiles = static_cast<int>(tiles_k);
+  grad.slots = static_cast<int>(slots);
+  run_chunk_gate_grad(grad, stream);
+  return {dq, dk, dv, dg, dh0};
 }
 
 namespace {
 
-// The GLA ops' own checks (g, chunk_offsets); returns the number of chunk slots: packed,
-// sum_n ceil(len_n / C) <= ceil(T / C) + N (blocks past the last chunk exit).
+// The GLA ops' own checks (g, chunk_offsets); returns the number of chunk slots.
 int64_t check_gla(const Tensor& q, const Tensor& g, const std::optional<Tensor>& cu_seqlens,
                   const std::optional<Tensor>& chunk_offsets, const Dims& d) {
   check_cuda_tensor(g, "g", q);
   check_sizes(g, "g", {d.B, d.T, d.H, d.K});
   STD_TORCH_CHECK(g.scalar_type() == ScalarType::Float || g.scalar_type() == q.scalar_type(),
                   "fla_cuda: g must be float32 or q's dtype");
-  STD_TORCH_CHECK(cu_seqlens.has_value() == chunk_offsets.has_value(), "fla_cuda: chunk_offsets comes with cu_seqlens");
-  if (chunk_offsets.has_value()) {
-    check_cuda_tensor(*chunk_offsets, "chunk_offsets", q);
-    STD_TORCH_CHECK(chunk_offsets->scalar_type() == ScalarType::Long, "fla_cuda: chunk_offsets must be int64");
-    check_sizes(*chunk_offsets, "chunk_offsets", {d.N + 1});
-  }
-  const int64_t chunks = (d.T + kChunk - 1) / kChunk;
-  return cu_seqlens.has_value() ? chunks + d.N : d.B * chunks;
+  return check_chunk_offsets(q, cu_seqlens, chunk_offsets, d);
 }
 
 void fill_gla_inputs(GlaChunkInputs& p, const Tensor& q, const Tensor& k, const Tensor& g,

@@ -12,12 +12,14 @@ std::tuple<Tensor, Tensor> chunk_simple_gla_fwd(Tensor q, Tensor k, Tensor v, st
                                                 std::optional<Tensor> cu_seqlens, double scale,
                                                 bool output_final_state);
 
-// dq, dk, dv (input dtype); dq_dots, dk_dots [tiles, B*T, H] fp32 per-tile partials of
-// <q, dq> and <k, dk> (empty unless need_dg); dh0 [N,H,K,V] fp32 (empty unless need_dh0).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
+// dq, dk, dv (input dtype); dg [B,T,H] fp32, the gradient of each step's log gate (0 where
+// g < -1e4, which the kernels clamp; summed over steps by the caller for g_gamma), plus
+// dg_sink [N,H] (<ht, dht>) when given, empty unless need_dg; dh0 [N,H,K,V] fp32 (empty
+// unless need_dh0). chunk_offsets [N + 1] (first chunk of each packed sequence) with cu_seqlens.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
     Tensor q, Tensor k, Tensor v, std::optional<Tensor> g, std::optional<Tensor> g_gamma,
-    std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens, Tensor dout, std::optional<Tensor> dht,
-    double scale, bool need_dg, bool need_dh0);
+    std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens, std::optional<Tensor> chunk_offsets, Tensor dout,
+    std::optional<Tensor> dht, std::optional<Tensor> dg_sink, double scale, bool need_dg, bool need_dh0);
 
 // Chunkwise GLA forward: o [B,T,H,V] (input dtype), ht [N,H,K,V] fp32 (empty unless
 // output_final_state), and what the backward reads (gla.h): q_gated, k_gated [B,T,H,K], A and

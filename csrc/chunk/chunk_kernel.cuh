@@ -26,8 +26,6 @@ namespace chunk {
 
 using namespace cute;
 
-// Gates are clamped from below: -inf - (-inf) would be NaN; exp(-1e4) is 0 anyway.
-constexpr float kMinLogGate = -1e4f;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // 2^x in one MUFU instruction (denormal results flush to zero: decays below 1e-38). The

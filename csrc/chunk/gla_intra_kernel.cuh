@@ -10,6 +10,7 @@
 // then A = scale * (S + D), zero above the diagonal, goes out through shared memory.
 #pragma once
 #include "chunk/chunk_kernel.cuh"
+#include "chunk/chunk_loc.cuh"
 #include "chunk/gla.h"
 
 namespace fla {
@@ -22,31 +23,6 @@ template <typename Elem> CUTE_HOST_DEVICE constexpr float max_fold_span2() {
   return std::is_same_v<Elem, cute::half_t> ? 8.f : 60.f * kLog2e;
 }
 
-// The chunk held by grid slot `slot` (gla.h): its sequence's first token and length, and its
-// index in the sequence; false for slots past the last chunk of a packed batch.
-struct ChunkLoc {
-  int64_t bos, len, c;
-};
-__device__ __forceinline__ bool locate_chunk(int slot, const int64_t* cu_seqlens, const int64_t* chunk_offsets,
-                                             int N, int T, ChunkLoc& loc) {
-  if (cu_seqlens != nullptr) {   // the sequence holding this slot: chunk_offsets[n] <= slot < [n + 1]
-    if (slot >= chunk_offsets[N]) return false;
-    int lo = 0, hi = N;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (chunk_offsets[mid] <= slot) lo = mid; else hi = mid;
-    }
-    loc.bos = cu_seqlens[lo];
-    loc.len = cu_seqlens[lo + 1] - loc.bos;
-    loc.c = slot - chunk_offsets[lo];
-  } else {
-    const int64_t chunks = (T + kChunk - 1) / kChunk;
-    loc.bos = slot / chunks * T;
-    loc.len = T;
-    loc.c = slot % chunks;
-  }
-  return true;
-}
 
 // Raw gates of rows row0..row0+R-1 of one column (zeros past `rows`), fp32 or Elem in memory.
 // Whole runs take the unguarded path: one add per load instead of a branch and an index.

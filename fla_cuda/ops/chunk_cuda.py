@@ -8,8 +8,8 @@ per-chunk state is ever stored. The gate gradient comes from the identity
     dg_t = sum_{i >= t} <q_i, dq_i> - sum_{j >= t} <k_j, dk_j> + <ht, dht>
 
 (every source j < t <= sink i pair carries g_t; ``reference/chunk_simple_gla.py``): the
-kernels emit the per-token dot products from their fp32 accumulators, and the reverse
-cumulative sum per sequence is done here in fp64.
+passes emit the per-token dot products from their fp32 accumulators and a last kernel sums
+them per sequence in fp64 (csrc/chunk/gate_grad.cu); the sink <ht, dht> is summed here.
 """
 from __future__ import annotations
 
@@ -20,11 +20,6 @@ from .utils import LOG_GATE_MIN
 
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
-
-
-def value_tile(dk: int) -> int:
-    """Value columns per thread block of a pass whose q/k head dim is ``dk`` (chunk.h)."""
-    return 32 if dk >= 128 else 64
 
 
 def supports(q: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -54,22 +49,6 @@ def fwd_outputs_like(q, v, cu_seqlens, output_final_state):
     return q.new_empty(B, T, H, V), ht
 
 
-def _gate_gradient(per_token: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                   sink: torch.Tensor | None) -> torch.Tensor:
-    """dg [B, T, H] (fp64) from the identity in the module docstring: the sum of
-    per_token [B, T, H] over s >= t within t's sequence, plus sink [N, H] (= <h_T, dh_T>)
-    of t's sequence when given."""
-    # scan along the innermost dim: torch's outer-dim scan kernel is ~50x slower here
-    rc = per_token.double().transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
-    if cu_seqlens is None:
-        return rc if sink is None else rc + sink[:, None, :]
-    T = per_token.shape[1]
-    seq = torch.repeat_interleave(torch.arange(cu_seqlens.shape[0] - 1, device=rc.device),
-                                  cu_seqlens[1:] - cu_seqlens[:-1], output_size=T)     # [T]
-    rc_pad = torch.cat([rc, rc.new_zeros(1, 1, rc.shape[2])], dim=1)
-    dg = rc - rc_pad[:, cu_seqlens[1:][seq]]       # drop what lies past t's sequence end
-    return dg if sink is None else dg + sink[seq][None]
-
 if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_simple_gla_fwd"):
 
     @torch.library.register_fake("fla_cuda::chunk_simple_gla_fwd")
@@ -77,44 +56,42 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_simple_gla_fw
         return fwd_outputs_like(q, v, cu_seqlens, output_final_state)
 
     @torch.library.register_fake("fla_cuda::chunk_simple_gla_bwd")
-    def _bwd_fake(q, k, v, g, g_gamma, h0, cu_seqlens, do, dht, scale, need_dg, need_dh0):
+    def _bwd_fake(q, k, v, g, g_gamma, h0, cu_seqlens, chunk_offsets, do, dht, dg_sink, scale, need_dg, need_dh0):
         B, T, H, K = q.shape
         V = v.shape[-1]
         N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         f32 = dict(dtype=torch.float32)
-        tiles = K // value_tile(V)
-        dots = (q.new_empty(tiles, B * T, H, **f32) if need_dg else q.new_empty(0, **f32))
+        dg = q.new_empty(B, T, H, **f32) if need_dg else q.new_empty(0, **f32)
         dh0 = q.new_empty(N, H, K, V, **f32) if need_dh0 else q.new_empty(0, **f32)
-        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dots,
-                torch.empty_like(dots), dh0)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, dh0
 
     def _setup_context(ctx, inputs, output):
         q, k, v, g, g_gamma, h0, cu_seqlens, scale, output_final_state = inputs
+        # outputs without a gradient arrive as None, not as zero tensors autograd would fill
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, g, g_gamma, h0, cu_seqlens, output[1])
         ctx.scale = scale
 
     def _backward(ctx, do, dht):
         q, k, v, g, g_gamma, h0, cu_seqlens, ht = ctx.saved_tensors
-        B, T, H, _ = q.shape
         if dht is not None and dht.numel() == 0:
             dht = None
         if do is None:  # only the final state was used
             do = torch.zeros_like(v)
         need_dg = (g is not None and ctx.needs_input_grad[3]) or (g_gamma is not None and ctx.needs_input_grad[4])
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
-        dq, dk, dv, dq_dots, dk_dots, dh0 = torch.ops.fla_cuda.chunk_simple_gla_bwd(
-            q, k, v, g, g_gamma, h0, cu_seqlens, do.contiguous(),
-            None if dht is None else dht.float().contiguous(), ctx.scale, need_dg, need_dh0)
+        # the final state is a sink after every step: <ht, dht> joins every dg_t of its sequence
+        sink = (ht.double() * dht.double()).sum((-1, -2)).float() if need_dg and dht is not None else None
+        dq, dk, dv, dgt, dh0 = torch.ops.fla_cuda.chunk_simple_gla_bwd(
+            q, k, v, g, g_gamma, h0, cu_seqlens, None if cu_seqlens is None else chunk_offsets(cu_seqlens),
+            do.contiguous(), None if dht is None else dht.float().contiguous(), sink, ctx.scale, need_dg,
+            need_dh0)
         dg = dgamma = None
         if need_dg:
-            per_token = (dq_dots.sum(0) - dk_dots.sum(0)).view(B, T, H)
-            # the final state is a sink after every step
-            sink = None if dht is None else (ht.double() * dht.double()).sum((-1, -2))   # [N, H]
-            dgt = _gate_gradient(per_token, cu_seqlens, sink)
             if g is not None:
-                dg = torch.where(g < LOG_GATE_MIN, 0.0, dgt).float()   # clamped gates get no gradient
+                dg = dgt   # 0 where the gate was clamped
             else:
-                dgamma = torch.where(g_gamma < LOG_GATE_MIN, 0.0, dgt.sum((0, 1))).float()
+                dgamma = torch.where(g_gamma < LOG_GATE_MIN, 0.0, dgt.sum((0, 1), dtype=torch.float64)).float()
         return dq, dk, dv, dg, dgamma, (dh0 if need_dh0 else None), None, None, None
 
     torch.library.register_autograd("fla_cuda::chunk_simple_gla_fwd", _backward, setup_context=_setup_context)

@@ -48,6 +48,8 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_gla_fwd"):
 
     def _setup_context(ctx, inputs, output):
         q, k, v, g, h0, cu_seqlens, offsets, scale, output_final_state = inputs
+        # outputs without a gradient arrive as None, not as zero tensors autograd would fill
+        ctx.set_materialize_grads(False)
         o, ht, q_gated, k_gated, A, A_lo, key_decay = output
         ctx.save_for_backward(q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, A_lo, key_decay)
         ctx.mark_non_differentiable(q_gated, k_gated, A, A_lo, key_decay)

@@ -58,6 +58,8 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "linear_attn_normali
 
     def _setup_context(ctx, inputs, output):
         o_raw, q, k, z0, cu_seqlens, chunk_offsets, scale = inputs
+        # outputs without a gradient arrive as None, not as zero tensors autograd would fill
+        ctx.set_materialize_grads(False)
         _, _, den, k_carry = output
         ctx.save_for_backward(o_raw, q, k, den, k_carry, cu_seqlens, chunk_offsets)
         ctx.scale = scale

@@ -65,6 +65,8 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "recurrent_fwd"):
 
     def _setup_context(ctx, inputs, output):
         (q, k, v, g, gk, gv, beta, a, b, h0, cu_seqlens, scale, reverse, delta, l2norm_qk, _, _) = inputs
+        # outputs without a gradient arrive as None, not as zero tensors autograd would fill
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, g, gk, gv, beta, a, b, h0, cu_seqlens, output[2])
         ctx.scale, ctx.reverse, ctx.delta, ctx.l2norm_qk = scale, reverse, delta, l2norm_qk
         ctx.mark_non_differentiable(output[2])

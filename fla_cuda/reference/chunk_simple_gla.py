@@ -106,3 +106,21 @@ def chunk_simple_gla_bwd(q, k, v, g, do, dht, fwd: dict, *, scale: float, chunk_
         if dht is not None:
             dg = dg + (fwd["ht"] * dht.to(q.dtype)).sum((-1, -2))[:, None, :]
     return dict(dq=dq, dk=dk, dv=dv, dg=dg, dh0=L, dh=dh)
+
+
+def gate_gradient(per_token: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                  sink: torch.Tensor | None) -> torch.Tensor:
+    """dg [B, T, H] (fp64) from the per-token terms of the dg identity above (the CUDA
+    backward's last kernel, csrc/chunk/gate_grad.cu, in PyTorch): the sum of per_token
+    [B, T, H] over s >= t within t's sequence, plus sink [N, H] (= <h_T, dh_T>) of t's
+    sequence when given."""
+    # scan along the innermost dim: torch's outer-dim scan kernel is ~50x slower here
+    rc = per_token.double().transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+    if cu_seqlens is None:
+        return rc if sink is None else rc + sink[:, None, :]
+    T = per_token.shape[1]
+    seq = torch.repeat_interleave(torch.arange(cu_seqlens.shape[0] - 1, device=rc.device),
+                                  cu_seqlens[1:] - cu_seqlens[:-1], output_size=T)     # [T]
+    rc_pad = torch.cat([rc, rc.new_zeros(1, 1, rc.shape[2])], dim=1)
+    dg = rc - rc_pad[:, cu_seqlens[1:][seq]]       # drop what lies past t's sequence end
+    return dg if sink is None else dg + sink[seq][None]
