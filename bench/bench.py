@@ -946,7 +946,7 @@ class Runner:
             row["note"] = f"not run: {self.fatal}"
             return row
         try:
-            sets, do = self.build_sets(op, mode, B, T, H, K, V, self.a.seed)
+            sets, dout = self.build_sets(op, mode, B, T, H, K, V, self.a.seed)
         except Exception as e:  # noqa: BLE001
             row["note"] = f"inputs failed: {_err(e)}"
             if isinstance(e, torch.cuda.OutOfMemoryError):
@@ -960,7 +960,7 @@ class Runner:
             notes.append(why)
         else:
             row["backend"] = backend_of(op.name, sets[0]["q"], K, V, mode)
-            r = self.measure("ours", lambda s: make_call(fn, op, mode, s, do), sets)
+            r = self.measure("ours", lambda s: make_call(fn, op, mode, s, dout), sets)
             row.update(ms=r["ms"], first_call_s=r["first_call_s"], peak_mb=r["peak_mb"])
             if r["error"]:
                 self.ours_failed += 1
@@ -976,7 +976,7 @@ class Runner:
                 notes.append(err)
             else:
                 t0 = time.perf_counter()
-                r = self.measure("FLA", lambda s: make_call(ffn, op, mode, s, do), sets)
+                r = self.measure("FLA", lambda s: make_call(ffn, op, mode, s, dout), sets)
                 self.fla_spent += time.perf_counter() - t0
                 row.update(fla_ms=r["ms"], fla_peak_mb=r["peak_mb"])
                 if not self.a.skip_fla_first_call:
@@ -984,12 +984,12 @@ class Runner:
                 notes += [r[k] for k in ("error", "graph_error") if r.get(k)]
 
         # SDPA
-        s = self.sdpa(mode, B, T, H, K, V, sets, do)
+        s = self.sdpa(mode, B, T, H, K, V, sets, dout)
         row["sdpa_ms"] = s.get("ms")
         row["sdpa_peak_mb"] = s.get("peak_mb")
         notes += [s[k] for k in ("error", "graph_error") if s.get(k)]
 
-        del sets, do
+        sets = dout = None   # (released before the collection)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
