@@ -38,6 +38,14 @@ STABLE_TORCH_LIBRARY(fla_cuda, m) {
       "linear_attn_normalize_bwd(Tensor o_raw, Tensor q, Tensor k, Tensor den, Tensor k_carry, Tensor do, "
       "Tensor? dz_final, Tensor? cu_seqlens, Tensor? chunk_offsets, float scale) -> "
       "(Tensor do_raw, Tensor dq, Tensor dk, Tensor dz0)");
+  m.def(
+      "linear_attn_normalized_fwd(Tensor q, Tensor k, Tensor v, Tensor? h0, Tensor? z0, Tensor? cu_seqlens, "
+      "Tensor? chunk_offsets, float scale, bool output_final_state) -> (Tensor o, Tensor ht, Tensor z_final, "
+      "Tensor den, Tensor k_carry)");
+  m.def(
+      "linear_attn_normalized_bwd(Tensor q, Tensor k, Tensor v, Tensor? h0, Tensor? cu_seqlens, "
+      "Tensor? chunk_offsets, Tensor o, Tensor den, Tensor k_carry, Tensor do, Tensor? dht, Tensor? dz_final, "
+      "float scale, bool need_dh0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dh0, Tensor dz0)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fla_cuda, CUDA, m) {
@@ -49,4 +57,6 @@ STABLE_TORCH_LIBRARY_IMPL(fla_cuda, CUDA, m) {
   m.impl("chunk_gla_bwd", TORCH_BOX(&fla::chunk_gla_bwd));
   m.impl("linear_attn_normalize_fwd", TORCH_BOX(&fla::linear_attn_normalize_fwd));
   m.impl("linear_attn_normalize_bwd", TORCH_BOX(&fla::linear_attn_normalize_bwd));
+  m.impl("linear_attn_normalized_fwd", TORCH_BOX(&fla::linear_attn_normalized_fwd));
+  m.impl("linear_attn_normalized_bwd", TORCH_BOX(&fla::linear_attn_normalized_bwd));
 }

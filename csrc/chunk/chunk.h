@@ -55,6 +55,8 @@ struct ChunkParams {
   int64_t state_stride_v;
   const void* dot_with;      // may be null
   float* dots;               // with dot_with
+  const float* o_row_div;    // [B*T, H] fp32 or null: o is stored divided by it row by row
+                             // (linear attention's normaliser); not with dots, not in GLA mode
   const int64_t* cu_seqlens; // [N + 1] or null
   int B, T, H, DK, DV, N;
   float scale_intra, scale_inter, scale_update;

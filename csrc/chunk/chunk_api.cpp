@@ -133,6 +133,15 @@ std::tuple<Tensor, Tensor> chunk_simple_gla_fwd(Tensor q, Tensor k, Tensor v, st
                                                 std::optional<Tensor> g_gamma, std::optional<Tensor> h0,
                                                 std::optional<Tensor> cu_seqlens, double scale,
                                                 bool output_final_state) {
+  return chunk_simple_gla_fwd_impl(q, k, v, g, g_gamma, h0, cu_seqlens, scale, output_final_state, nullptr);
+}
+
+std::tuple<Tensor, Tensor> chunk_simple_gla_fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                     const std::optional<Tensor>& g,
+                                                     const std::optional<Tensor>& g_gamma,
+                                                     const std::optional<Tensor>& h0,
+                                                     const std::optional<Tensor>& cu_seqlens, double scale,
+                                                     bool output_final_state, const float* o_row_div) {
   const Dims d = check_inputs(q, k, v, g, g_gamma, cu_seqlens);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   const float* gp = opt_f32(g, "g", q, {d.B, d.T, d.H});
@@ -145,6 +154,7 @@ std::tuple<Tensor, Tensor> chunk_simple_gla_fwd(Tensor q, Tensor k, Tensor v, st
   p.scale_intra = p.scale_inter = static_cast<float>(scale);
   p.scale_update = 1.f;
   p.reverse = false;
+  p.o_row_div = o_row_div;
   run_pass(p, q, current_stream(q));
   return {o, ht};
 }

@@ -12,6 +12,15 @@ std::tuple<Tensor, Tensor> chunk_simple_gla_fwd(Tensor q, Tensor k, Tensor v, st
                                                 std::optional<Tensor> cu_seqlens, double scale,
                                                 bool output_final_state);
 
+// The same with each output row divided by o_row_div [B*T, H] fp32 (linear attention's
+// normaliser), or not (nullptr).
+std::tuple<Tensor, Tensor> chunk_simple_gla_fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                     const std::optional<Tensor>& g,
+                                                     const std::optional<Tensor>& g_gamma,
+                                                     const std::optional<Tensor>& h0,
+                                                     const std::optional<Tensor>& cu_seqlens, double scale,
+                                                     bool output_final_state, const float* o_row_div);
+
 // dq, dk, dv (input dtype); dg [B,T,H] fp32, the gradient of each step's log gate (0 where
 // g < -1e4, which the kernels clamp; summed over steps by the caller for g_gamma), plus
 // dg_sink [N,H] (<ht, dht>) when given, empty unless need_dg; dh0 [N,H,K,V] fp32 (empty

@@ -169,6 +169,11 @@ __device__ __forceinline__ void cp_async_16(Elem* smem, const Elem* gmem, bool v
                                            valid);
 }
 
+__device__ __forceinline__ void cp_async_4(float* smem, const float* gmem, bool valid) {
+  SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(*reinterpret_cast<const uint32_t*>(gmem),
+                                                  *reinterpret_cast<uint32_t*>(smem), valid);
+}
+
 template <typename Elem_, int DK, bool kGla>
 __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__ ChunkParams p) {
   using Tr = Traits<Elem_, DK, kGla>;
@@ -270,6 +275,10 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   // GLA: the chunk's decays, staged with its inputs (vs_buf is free in GLA mode): read from
   // global memory at their use, they stalled the walk on the load (11-12% of its samples)
   float* const decay_buf = reinterpret_cast<float*>(vs_buf);   // [2][DK]
+  // o_row_div: a chunk's divisors, staged with its inputs in the dots partner stages (a pass
+  // with o_row_div has no dots)
+  float* const row_div_buf = reinterpret_cast<float*>(dot_buf);   // [2][C]
+  static_assert(2 * C * 4 <= 2 * Tr::kV * int(sizeof(Elem)), "the divisor stages fit the dots partner stages");
   static_assert(!kGla || 2 * DK * 4 <= Tr::kV * int(sizeof(Elem)), "the decay stages fit vs_buf");
   auto load_chunk = [&](int c, int stage) {
     const int64_t pos0 = seg_begin + int64_t(time_chunk(c)) * C;
@@ -282,6 +291,10 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     copy_rows(Int<kRowsV>{}, v_buf + stage * Tr::kV, smem_off_v, v, v_off, v_step, rv0, rows_left);
     if (p.dots != nullptr)   // the dot partner has v's layout
       copy_rows(Int<kRowsV>{}, dot_buf + stage * Tr::kV, smem_off_v, other, v_off, v_step, rv0, rows_left);
+    if (!kGla && p.o_row_div != nullptr && !p.state_only && tid < C) {   // the output rows' divisors (zeros past the end)
+      const bool valid = tid < rows_left;
+      cp_async_4(row_div_buf + stage * C + tid, p.o_row_div + (valid ? token(pos0 + tid) * H + h : 0), valid);
+    }
     if constexpr (kGla) {
       if (!p.state_only && p.A != nullptr)
         copy_rows(Int<kRowsA>{}, a_buf + stage * C * C, smem_off_a, static_cast<const Elem*>(p.A) + h * C,
@@ -656,6 +669,13 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
             if (pos < len) p.dots[(int64_t(tile) * p.B * p.T + token(pos)) * H + h] = part[j];
           }
         }
+      }
+      if (p.o_row_div != nullptr) {
+        const float* d = row_div_buf + stage * C;
+        const int r0 = get<0>(tOcO(0));
+        const float inv[2] = {1.f / d[r0], 1.f / d[r0 + 8]};
+        CUTE_UNROLL
+        for (int i = 0; i < size(accO); ++i) accO(i) *= inv[(i / 2) % 2];
       }
       store_output(accO, sQ, c);
     }

@@ -44,7 +44,11 @@ struct NormalizeParams {
   float* den;
   float* k_carry;       // totals, then (in place) the key sum before each chunk
 
+  // forward: o == nullptr computes den (and the carries) only
+
   // backward (reads den and k_carry of the forward)
+  bool dots_of_output;  // o_raw holds the normalised output o: w_t = -scale <do_t, o_t> / den_t
+  bool accumulate;      // dq, dk hold gradients the normaliser's are added to
   const void* dout;
   const float* dz_final;  // may be null
   void* do_raw;
@@ -58,7 +62,13 @@ struct NormalizeParams {
 template <typename T>
 void run_normalize_fwd(const NormalizeParams& p, cudaStream_t stream);
 
+// The backward in two halves: w, do_raw and the reverse carries of w q (+ dz_final, into
+// dz0); then dq, dk. Between them the chunk pass's backward can run on do_raw, and its dq, dk
+// take the normaliser's in place (accumulate).
 template <typename T>
-void run_normalize_bwd(const NormalizeParams& p, cudaStream_t stream);
+void run_normalize_bwd_dots(const NormalizeParams& p, cudaStream_t stream);
+
+template <typename T>
+void run_normalize_bwd_grads(const NormalizeParams& p, cudaStream_t stream);
 
 }  // namespace fla

@@ -112,16 +112,17 @@ __device__ __forceinline__ void load_channel(const T* x, int64_t t0, int j0, int
   }
 }
 
-// x[j] -> dst[j * stride] for j < left (a whole group unguarded, as load_channel).
+// x[j] (+ dst[j * stride] when add) -> dst[j * stride] for j < left (a whole group
+// unguarded, as load_channel).
 template <typename T>
-__device__ __forceinline__ void store_channel(T* dst, int64_t stride, int left, const float (&x)[kUnroll]) {
+__device__ __forceinline__ void store_channel(T* dst, int64_t stride, int left, const float (&x)[kUnroll], bool add) {
   if (left >= kUnroll) {
 #pragma unroll
-    for (int j = 0; j < kUnroll; ++j) dst[j * stride] = from_float<T>(x[j]);
+    for (int j = 0; j < kUnroll; ++j) dst[j * stride] = from_float<T>(x[j] + (add ? to_float(dst[j * stride]) : 0.f));
   } else {
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j)
-      if (j < left) dst[j * stride] = from_float<T>(x[j]);
+      if (j < left) dst[j * stride] = from_float<T>(x[j] + (add ? to_float(dst[j * stride]) : 0.f));
   }
 }
 
@@ -225,7 +226,14 @@ struct KeyTile {
     for (int r = 0; r < kRows; ++r)
       out[r] = r < rows_ok ? *reinterpret_cast<const uint4*>(src + r * stride) : make_uint4(0, 0, 0, 0);
   }
-  __device__ __forceinline__ void store(void* x, int r, const float (&f)[kVec]) const {
+  // f (+ the row's old values `old` when add) -> row r of x
+  __device__ __forceinline__ void store(void* x, int r, float (&f)[kVec], bool add, const uint4& old) const {
+    if (add) {
+      float y[kVec];
+      unpack<T>(old, y);
+#pragma unroll
+      for (int m = 0; m < kVec; ++m) f[m] += y[m];
+    }
     if (r < rows_ok) *reinterpret_cast<uint4*>(static_cast<T*>(x) + first + r * stride) = pack<T>(f);
   }
   // the thread's channels of a [chunks, H, K] fp32 carry row
@@ -403,12 +411,13 @@ __global__ void __launch_bounds__(kThreads) normalize_fwd_kernel(const Normalize
   T* o = static_cast<T*>(p.o);
   using RV = RowVectors<T>;
   const RV rv(p, s.t0, nt);
-  const bool vec = RV::usable(p, o_raw, o);
+  const bool vec = o != nullptr && RV::usable(p, o_raw, o);
   uint4 ov[RV::kPerThread];
   if (vec) rv.load(p, o_raw, h, 0, ov);  // in flight during the key sums
 
   if constexpr (kVR > 0) chunk_dens_vec<T, kVR>(p, s, h, s_den);
   else chunk_dens<T>(p, s, h, s_den);
+  if (o == nullptr) return;   // den only
   __syncthreads();
   if (vec) {
     for (int round = 0; round < rv.rounds(); ++round) {
@@ -438,7 +447,8 @@ __global__ void __launch_bounds__(kThreads) normalize_fwd_kernel(const Normalize
 // Backward.
 
 // w_t and do_raw_t for the chunk's tokens (one warp per token), then the chunk total of
-// w_t q_t per channel.
+// w_t q_t per channel. With dots_of_output, o_raw holds o = o_raw / den: <do, o_raw> / den^2
+// is <do, o> / den.
 template <typename T, int kVR>
 __global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const NormalizeParams p) {
   using RV = RowVectors<T>;
@@ -493,7 +503,7 @@ __global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const Norm
     if (e < nt) {
       float dot = 0.f;
       for (int cv = 0; cv < rv.vpr; ++cv) dot += s_part[e][cv];  // fixed order
-      const float w = -p.scale * dot / (s_den[e] * s_den[e]);
+      const float w = -p.scale * dot / (p.dots_of_output ? s_den[e] : s_den[e] * s_den[e]);
       s_w[e] = w;
       p.w[(s.t0 + e) * p.H + h] = w;
     }
@@ -509,7 +519,7 @@ __global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const Norm
       }
       dot = warp_sum(dot);
       if (lane == 0) {
-        const float w = -p.scale * dot / (den * den);
+        const float w = -p.scale * dot / (p.dots_of_output ? den : den * den);
         s_w[j] = w;
         p.w[row] = w;
       }
@@ -524,8 +534,8 @@ __global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const Norm
 }
 
 // dq_t = w_t c_t walking forward from the key carry; dk_t = the running sum of w q walking
-// back from the reverse carry. w of the chunk is staged once (zeros past its last token, so
-// a partial group adds nothing).
+// back from the reverse carry (each added to dq, dk with accumulate). w of the chunk is staged
+// once (zeros past its last token, so a partial group adds nothing).
 template <typename T>
 __device__ __forceinline__ void chunk_grads(const NormalizeParams& p, const Span& s, int h, const float* s_w) {
   const int e = threadIdx.x;
@@ -547,7 +557,7 @@ __device__ __forceinline__ void chunk_grads(const NormalizeParams& p, const Span
       c += x[j];
       x[j] = s_w[j0 + j] * c;
     }
-    store_channel(dq + j0 * stride, stride, nt - j0, x);
+    store_channel(dq + j0 * stride, stride, nt - j0, x, p.accumulate);
   }
   float r = p.q_carry[carry];
   for (int j0 = (nt - 1) / kUnroll * kUnroll; j0 >= 0; j0 -= kUnroll) {
@@ -558,7 +568,7 @@ __device__ __forceinline__ void chunk_grads(const NormalizeParams& p, const Span
       r += s_w[j0 + j] * x[j];
       x[j] = r;
     }
-    store_channel(dk + j0 * stride, stride, nt - j0, x);
+    store_channel(dk + j0 * stride, stride, nt - j0, x, p.accumulate);
   }
 }
 
@@ -571,6 +581,8 @@ __device__ __forceinline__ void chunk_grads_vec(const NormalizeParams& p, const 
   using KT = KeyTile<T, kVR>;
   constexpr int kVec = KT::kVec, kRows = KT::kRows;
   __shared__ __align__(16) typename KT::Partials s_k, s_wq;
+  uint4 dq_old[kRows], dk_old[kRows];   // the gradients to add to (accumulate); dk's loaded
+  if (p.accumulate) kt.load(p.dq, dq_old);   // once dq's are out (registers: 2 blocks per SM)
   const int64_t carry = (static_cast<int64_t>(blockIdx.x) * p.H + h) * KT::kK;
   float c[kVec], r[kVec], pk[kVec] = {}, pq[kVec] = {};
   kt.load_carry(p.k_carry + carry, c);
@@ -602,8 +614,9 @@ __device__ __forceinline__ void chunk_grads_vec(const NormalizeParams& p, const 
       c[m] += x[m];
       x[m] = w * c[m];
     }
-    kt.store(p.dq, i, x);
+    kt.store(p.dq, i, x, p.accumulate, dq_old[i]);
   }
+  if (p.accumulate) kt.load(p.dk, dk_old);
 #pragma unroll
   for (int i = kRows - 1; i >= 0; --i) {
     float y[kVec];
@@ -614,12 +627,14 @@ __device__ __forceinline__ void chunk_grads_vec(const NormalizeParams& p, const 
       r[m] += w * y[m];
       y[m] = r[m];
     }
-    kt.store(p.dk, i, y);
+    kt.store(p.dk, i, y, p.accumulate, dk_old[i]);
   }
 }
 
+// (two blocks per SM where a thread's rows fit 128 registers; K = 256 in 16-bit keeps 8 rows)
 template <typename T, int kVR>
-__global__ void __launch_bounds__(kThreads) normalize_bwd_grads_kernel(const NormalizeParams p) {
+__global__ void __launch_bounds__(kThreads, kVR * 16 / int(sizeof(T)) >= 256 ? 1 : 2)
+    normalize_bwd_grads_kernel(const NormalizeParams p) {
   using KT = KeyTile<T, (kVR > 0 ? kVR : 4)>;   // (unused when kVR == 0)
   __shared__ float s_w[C];
   const Span s = chunk_span(p, blockIdx.x);
@@ -687,10 +702,10 @@ void run_normalize_fwd(const NormalizeParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
-void run_normalize_bwd(const NormalizeParams& p, cudaStream_t stream) {
+void run_normalize_bwd_dots(const NormalizeParams& p, cudaStream_t stream) {
   using namespace normalize;
   const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.H));
-  const int vr = key_vectors<T>(p, {p.q, p.k, p.dq, p.dk, p.k_carry, p.q_carry});
+  const int vr = key_vectors<T>(p, {p.q, p.q_carry});
   if (p.chunks > 0) {
     FLA_KEY_VECTORS_SWITCH(vr, kVR, [&] { normalize_bwd_dots_kernel<T, kVR><<<grid, kThreads, 0, stream>>>(p); });
     FLA_CHECK_LAUNCH();
@@ -699,6 +714,13 @@ void run_normalize_bwd(const NormalizeParams& p, cudaStream_t stream) {
     carry_scan_kernel<true><<<scan_blocks(p), kThreads, 0, stream>>>(p, p.q_carry, p.dz_final, p.dz0);
     FLA_CHECK_LAUNCH();
   }
+}
+
+template <typename T>
+void run_normalize_bwd_grads(const NormalizeParams& p, cudaStream_t stream) {
+  using namespace normalize;
+  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.H));
+  const int vr = key_vectors<T>(p, {p.q, p.k, p.dq, p.dk, p.k_carry, p.q_carry});
   if (p.chunks > 0) {
     FLA_KEY_VECTORS_SWITCH(vr, kVR, [&] { normalize_bwd_grads_kernel<T, kVR><<<grid, kThreads, 0, stream>>>(p); });
     FLA_CHECK_LAUNCH();

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import backend
 from ..utils.checks import FLOAT_DTYPES, check_flag, check_optional
 from . import normalize_cuda
 from .simple_gla import run_simple_gla, validate
@@ -80,6 +81,11 @@ def _linear_attn(op, q, k, v, scale, initial_state, output_final_state, normaliz
         check_optional("initial_state[1] (z_state)", z_init, (N, 1, H, K), q.device, FLOAT_DTYPES)
     # the fused normaliser reads o in q's dtype (as FLA's does); the composition wants fp32
     fused_norm = normalize and normalize_cuda.supports(q, v, reverse)
+    if fused_norm and not recurrent and backend.use_cuda(op, q, q.shape[-1], v.shape[-1]):
+        # the chunk pass stores o already divided by the normaliser: one op, forward and backward
+        o, ht, z = normalize_cuda.linear_attn_normalized_cuda(q, k, v, scale, kv_init, z_init,
+                                                              output_final_state, cu_seqlens)
+        return o, (ht, z)
     o, ht = run_simple_gla(op, q, k, v, None, None, scale, kv_init, output_final_state, reverse=reverse,
                            cu_seqlens=cu_seqlens, recurrent=recurrent,
                            o_dtype=compute_dtype(q) if normalize and not fused_norm else None)
