@@ -8,6 +8,7 @@
 #include "chunk/chunk.h"
 #include "chunk/chunk_loc.cuh"
 #include "common/cuda_check.h"
+#include "common/sequence_slots.cuh"
 
 namespace fla {
 namespace chunk {
@@ -78,14 +79,7 @@ __global__ void __launch_bounds__(kScanThreads) later_chunks_kernel(const GateGr
   __shared__ double s_run[kScanThreads];
   const int n = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
   int64_t s0, s1;   // the sequence's slots
-  if (p.cu_seqlens != nullptr) {
-    s0 = p.chunk_offsets[n];
-    s1 = p.chunk_offsets[n + 1];
-  } else {
-    const int64_t chunks = (p.T + kChunk - 1) / kChunk;
-    s0 = n * chunks;
-    s1 = s0 + chunks;
-  }
+  sequence_slots<kChunk>(n, p.cu_seqlens, p.chunk_offsets, p.T, s0, s1);
   const int64_t per = (s1 - s0 + kScanThreads - 1) / kScanThreads;
   const int64_t r0 = min(s1, s0 + i * per), r1 = min(s1, r0 + per);
   double run = 0.0;

@@ -8,6 +8,7 @@
 #include <initializer_list>
 
 #include "common/device.cuh"
+#include "common/sequence_slots.cuh"
 #include "common/cuda_check.h"
 #include "normalize/normalize.h"
 
@@ -83,18 +84,6 @@ __device__ __forceinline__ Span chunk_span(const NormalizeParams& p, int64_t chu
   return s;
 }
 
-// Chunk range [c0, c1) of sequence n.
-__device__ __forceinline__ void seq_chunks(const NormalizeParams& p, int n, int64_t& c0, int64_t& c1) {
-  if (p.cu_seqlens) {
-    c0 = p.chunk_offsets[n];
-    c1 = p.chunk_offsets[n + 1];
-  } else {
-    const int64_t per_seq = (p.T + C - 1) / C;
-    c0 = n * per_seq;
-    c1 = c0 + per_seq;
-  }
-}
-
 // One thread's channel e of a [rows, H, K] tensor at rows t0 + j, j < nt (zeros past nt).
 // (A whole group takes the unguarded branch: a guard per element compiled to a branch and
 // 64-bit index math around every load, which made the forward pass instruction-bound.)
@@ -153,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) carry_scan_kernel(const NormalizePar
   const int e = static_cast<int>(idx % p.K), h = static_cast<int>((idx / p.K) % p.H);
   const int n = static_cast<int>(idx / (static_cast<int64_t>(p.H) * p.K));
   int64_t c0, c1;
-  seq_chunks(p, n, c0, c1);
+  sequence_slots<C>(n, p.cu_seqlens, p.chunk_offsets, p.T, c0, c1);
   float acc = init ? init[idx] : 0.f;
   for (int64_t i0 = 0; i0 < c1 - c0; i0 += kUnroll) {
     float tot[kUnroll];
