@@ -71,9 +71,9 @@ std::tuple<Tensor, Tensor, Tensor> run_forward(NormalizeParams& p, const Tensor&
 struct BwdDots {
   Tensor do_raw, dz0, w, q_carry;
 };
-BwdDots run_bwd_dots(NormalizeParams& p, const Tensor& q, const Tensor& o_ref, const Tensor& den,
+BwdDots run_bwd_dots(NormalizeParams& p, const Tensor& q, const Tensor& o_ref, const char* o_name, const Tensor& den,
                      const Tensor& k_carry, const Tensor& dout, const std::optional<Tensor>& dz_final) {
-  check_rows(o_ref, "o", q, p);
+  check_rows(o_ref, o_name, q, p);
   check_rows(dout, "do", q, p);
   p.o_raw = o_ref.data_ptr();
   p.den = const_cast<float*>(opt_f32(den, "den", q, {p.B, p.T, p.H}));
@@ -127,7 +127,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_attn_normalize_bwd(
   STD_TORCH_CHECK(o_raw.dim() == 4, "fla_cuda: o_raw must be [B, T, H, V]");
   NormalizeParams p = make_params(q, k, o_raw.size(3), cu_seqlens, chunk_offsets, scale);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
-  const BwdDots r = run_bwd_dots(p, q, o_raw, den, k_carry, dout, dz_final);
+  const BwdDots r = run_bwd_dots(p, q, o_raw, "o_raw", den, k_carry, dout, dz_final);
   Tensor dq = torch::stable::new_empty(q, {p.B, p.T, p.H, p.K});
   Tensor dk = torch::stable::new_empty(q, {p.B, p.T, p.H, p.K});
   run_bwd_grads(p, q, dq, dk);
@@ -139,6 +139,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_attn_normalized_fwd(
     std::optional<Tensor> cu_seqlens, std::optional<Tensor> chunk_offsets, double scale, bool output_final_state) {
   STD_TORCH_CHECK(v.dim() == 4, "fla_cuda: v must be [B, T, H, V]");
   NormalizeParams p = make_params(q, k, v.size(3), cu_seqlens, chunk_offsets, scale);
+  check_rows(v, "v", q, p);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   auto [z_final, den, k_carry] = run_forward(p, q, z0);   // den first: the walk divides by it
   auto [o, ht] = chunk_simple_gla_fwd_impl(q, k, v, std::nullopt, std::nullopt, h0, cu_seqlens, scale,
@@ -152,9 +153,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_attn_normalized_bwd(
     std::optional<Tensor> dz_final, double scale, bool need_dh0) {
   STD_TORCH_CHECK(v.dim() == 4, "fla_cuda: v must be [B, T, H, V]");
   NormalizeParams p = make_params(q, k, v.size(3), cu_seqlens, chunk_offsets, scale);
+  check_rows(v, "v", q, p);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   p.dots_of_output = true;
-  const BwdDots r = run_bwd_dots(p, q, o, den, k_carry, dout, dz_final);
+  const BwdDots r = run_bwd_dots(p, q, o, "o", den, k_carry, dout, dz_final);
   auto [dq, dk, dv, dg, dh0] = chunk_simple_gla_bwd(q, k, v, std::nullopt, std::nullopt, h0, cu_seqlens,
                                                     chunk_offsets, r.do_raw, dht, std::nullopt, scale, false,
                                                     need_dh0);
