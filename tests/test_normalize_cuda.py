@@ -163,6 +163,29 @@ def test_public_op_takes_the_fused_path(T, K, V, lengths, monkeypatch):
         assert_close(f"output {i}", r, o, max(TOL[torch.bfloat16], 1.5 * err_ratio(r, c), 1.1 * err_ratio(r, b)))
 
 
+def test_fused_chunk_and_recurrent_normalized(monkeypatch):
+    """fused_chunk_linear_attn(normalize=True) runs the same op as chunk_linear_attn (equal
+    results); fused_recurrent_linear_attn(normalize=True) keeps the recurrent kernel and the
+    standalone normaliser, and agrees with it to bf16 accuracy."""
+    import fla_cuda.ops.normalize_cuda as nc
+    calls = []
+    real = nc.linear_attn_normalized_cuda
+    monkeypatch.setattr(nc, "linear_attn_normalized_cuda", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    args = _public_args(130, 64, 64, 2)
+    state = (args["h0"], args["z0"])
+    a = fla_cuda.chunk_linear_attn(args["q"], args["k"], args["v"], initial_state=state, output_final_state=True)
+    b = fla_cuda.fused_chunk_linear_attn(args["q"], args["k"], args["v"], initial_state=state,
+                                         output_final_state=True)
+    assert len(calls) == 2
+    for x, y in zip((a[0], *a[1]), (b[0], *b[1])):
+        assert torch.equal(x, y)
+    r = fla_cuda.fused_recurrent_linear_attn(args["q"], args["k"], args["v"], initial_state=state,
+                                             output_final_state=True, normalize=True)
+    assert len(calls) == 2
+    for name, x, y in zip(("o", "ht", "z"), (r[0], *r[1]), (a[0], *a[1])):
+        assert_close(name, y.double(), x, TOL[torch.bfloat16])
+
+
 def test_fused_op_deterministic(monkeypatch):
     args = _public_args(777, 128, 128, 2)
     a = _public_run(lambda t: t, args, monkeypatch)
