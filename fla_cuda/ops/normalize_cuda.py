@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension, backend
-from .chunk_cuda import chunk_offsets
+from .chunk_cuda import chunk_offsets, fwd_outputs_like
 
 CHUNK = 64          # tokens per scan chunk (kNormChunk in csrc/normalize/normalize.h)
 MAX_DIM = 256       # K, V <= kNormThreads (one key channel per thread)
@@ -86,11 +86,10 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "linear_attn_normali
     @torch.library.register_fake("fla_cuda::linear_attn_normalized_fwd")
     def _fused_fwd_fake(q, k, v, h0, z0, cu_seqlens, chunk_offsets, scale, output_final_state):
         B, T, H, K = q.shape
-        V = v.shape[-1]
         N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         f32 = dict(dtype=torch.float32)
-        ht = q.new_empty(N, H, K, V, **f32) if output_final_state else q.new_empty(0, **f32)
-        return (q.new_empty(B, T, H, V), ht, q.new_empty(N, H, K, **f32), q.new_empty(B, T, H, **f32),
+        o, ht = fwd_outputs_like(q, v, cu_seqlens, output_final_state)   # the chunk pass's outputs
+        return (o, ht, q.new_empty(N, H, K, **f32), q.new_empty(B, T, H, **f32),
                 q.new_empty(_chunks(B, T, N, cu_seqlens is not None), H, K, **f32))
 
     @torch.library.register_fake("fla_cuda::linear_attn_normalized_bwd")
@@ -130,15 +129,21 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "linear_attn_normali
                                     setup_context=_fused_setup_context)
 
 
+def _sequence_args(cu_seqlens: torch.Tensor | None, z_init: torch.Tensor | None):
+    """cu_seqlens as int64, its chunk offsets, and z_init [N, 1, H, K] as the ops' z0 [N, H, K]."""
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.long().contiguous()
+    offsets = None if cu_seqlens is None else _chunk_offsets(cu_seqlens)
+    z0 = None if z_init is None else z_init.float().squeeze(1).contiguous()
+    return cu_seqlens, offsets, z0
+
+
 def normalize_cuda(o_raw: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
                    z_init: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
     """o_raw [B, T, H, V] (q's dtype) divided by the running-key-sum normaliser, as
     ``linear_attn.normalize_with_z_state`` (forward direction). z_init [N, 1, H, K] or None.
     Returns (o in q's dtype, z_state [N, 1, H, K] fp32). Differentiable in o_raw, q, k, z_init."""
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.long().contiguous()
-    offsets = None if cu_seqlens is None else _chunk_offsets(cu_seqlens)
-    z0 = None if z_init is None else z_init.float().squeeze(1).contiguous()
+    cu_seqlens, offsets, z0 = _sequence_args(cu_seqlens, z_init)
     o, z, _, _ = torch.ops.fla_cuda.linear_attn_normalize_fwd(
         o_raw.to(q.dtype).contiguous(), q.contiguous(), k.to(q.dtype).contiguous(), z0, cu_seqlens, offsets,
         float(scale))
@@ -151,10 +156,7 @@ def linear_attn_normalized_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """chunk_linear_attn(normalize=True) in one CUDA op, for inputs the chunk kernels take
     (validated by the caller). h0 [N, H, K, V], z_init [N, 1, H, K] or None. Returns
     (o in q's dtype, ht [N, H, K, V] fp32 or None, z_state [N, 1, H, K] fp32)."""
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.long().contiguous()
-    offsets = None if cu_seqlens is None else _chunk_offsets(cu_seqlens)
-    z0 = None if z_init is None else z_init.float().squeeze(1).contiguous()
+    cu_seqlens, offsets, z0 = _sequence_args(cu_seqlens, z_init)
     dtype = q.dtype
     o, ht, z, _, _ = torch.ops.fla_cuda.linear_attn_normalized_fwd(
         q.contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(),
