@@ -3,10 +3,13 @@
 #include "chunk/chunk_api.h"
 
 #include "chunk/chunk.h"
+#include "chunk/chunk_sm90.h"
 #include "chunk/gla.h"
 #include "common/cuda_check.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace fla {
@@ -62,11 +65,42 @@ ChunkParams pass_params(const Tensor& q, const Tensor& k, const Tensor& v, Tenso
   return p;
 }
 
+bool device_is_sm90(int device) {
+  static int cached[64] = {};   // 0: not asked yet, 1: sm_90, 2: other
+  if (device >= 0 && device < 64 && cached[device] != 0) return cached[device] == 1;
+  int major = 0, minor = 0;
+  FLA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  FLA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const bool sm90 = major == 9 && minor == 0;
+  if (device >= 0 && device < 64) cached[device] = sm90 ? 1 : 2;
+  return sm90;
+}
+
+// Which kernel runs a pass: the scalar-gate pass goes to wgmma (chunk_sm90.h) on sm_90 for
+// DK in {64, 128}, unless FLA_CUDA_CHUNK_SM90=0 (the SM80 pass everywhere, for comparisons).
+// The value tile sets the grid and the number of dots tiles.
+struct PassKernel {
+  bool sm90;
+  int value_tile;
+};
+
+PassKernel pass_kernel(int64_t dk, int64_t dv, int device, bool gla) {
+  const char* env = std::getenv("FLA_CUDA_CHUNK_SM90");
+  const bool sm90 = !gla && (dk == 64 || dk == 128) && dv % kChunkValueTileSm90 == 0 &&
+                    !(env != nullptr && std::strcmp(env, "0") == 0) && device_is_sm90(device) &&
+                    chunk_pass_sm90_built<__nv_bfloat16, 128>();
+  return {sm90, sm90 ? kChunkValueTileSm90 : chunk_value_tile(static_cast<int>(dk))};
+}
+
 template <bool kGla>
 void launch_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) {
+  const bool sm90 = pass_kernel(p.DK, p.DV, like.get_device(), kGla).sm90;
   FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
     if constexpr (std::is_same_v<Elem, float>) {
       STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
+    } else if (sm90) {
+      if (p.DK == 64) run_chunk_pass_sm90<Elem, 64>(p, stream);
+      else run_chunk_pass_sm90<Elem, 128>(p, stream);
     } else {
       switch (p.DK) {
         case 64: run_chunk_pass<Elem, 64, kGla>(p, stream); break;
@@ -78,7 +112,21 @@ void launch_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) 
   });
 }
 
-int64_t value_tiles(int64_t dk, int64_t dv) { return dv / chunk_value_tile(static_cast<int>(dk)); }
+// Thread blocks of a pass that fit one SM: 2 for the SM80 pass (shared memory); the wgmma
+// pass fits 2 without dots, 1 with them at DK = 128.
+int pass_blocks_per_sm(const ChunkParams& p, const Tensor& like, bool sm90) {
+  if (!sm90) return 2;
+  int blocks = 1;
+  FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
+    if constexpr (!std::is_same_v<Elem, float>) {
+      blocks = p.DK == 64 ? chunk_pass_sm90_blocks_per_sm<Elem, 64>(p.dots != nullptr)
+                          : chunk_pass_sm90_blocks_per_sm<Elem, 128>(p.dots != nullptr);
+    }
+  });
+  return std::max(blocks, 1);
+}
+
+int64_t value_tiles(int64_t dk, int64_t dv, int device) { return dv / pass_kernel(dk, dv, device, false).value_tile; }
 
 // chunk_offsets [N + 1] int64 (first chunk slot of each packed sequence) comes with
 // cu_seqlens; returns the number of chunk slots of per-chunk grids: packed,
@@ -95,19 +143,24 @@ int64_t check_chunk_offsets(const Tensor& q, const std::optional<Tensor>& cu_seq
   return cu_seqlens.has_value() ? chunks + d.N : d.B * chunks;
 }
 
-// One walk per (value tile, head, sequence) when there are at least as many walks as SMs
-// (the split costs an extra state-only launch, measured slower than a nearly full wave);
+// One walk per (value tile, head, sequence) when the walks fill at least half of one wave
+// (a quarter for the wgmma pass; the split costs an extra state-only launch, measured slower
+// than a nearly full wave);
 // otherwise dense batches split every sequence into segments of at least 2 chunks, as many
-// as fit one wave of two blocks per SM (a partial second wave would double the time) (chunk.h).
+// as fit one wave (a partial second wave would double the time) (chunk.h).
 // GLA mode (gla.h) splits the same way; its segment decays are per key row.
 template <bool kGla = false>
 void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
-  const int64_t blocks = value_tiles(p.DK, p.DV) * p.H * p.N;
+  const PassKernel kern = pass_kernel(p.DK, p.DV, like.get_device(), kGla);
+  const int64_t blocks = p.DV / kern.value_tile * p.H * p.N;
   const int64_t chunks = (int64_t(p.T) + kChunk - 1) / kChunk;
-  const int64_t sms = sm_count(like.get_device());
+  const int64_t wave = sm_count(like.get_device()) * int64_t(pass_blocks_per_sm(p, like, kern.sm90));
   int64_t segs = 1;
-  if (p.cu_seqlens == nullptr && blocks > 0 && blocks < sms)
-    segs = std::min(2 * sms / blocks, chunks / 2);
+  // the wgmma pass at one block per SM (B=4, T=4096, H=16, K=V=128: 128 walks) measured 0.180
+  // ms unsplit, 0.185 ms split in two
+  const bool split = kern.sm90 ? 4 * blocks <= wave : 2 * blocks < wave;
+  if (p.cu_seqlens == nullptr && blocks > 0 && split)
+    segs = std::min(wave / blocks, chunks / 2);
   if (segs < 2) {
     launch_pass<kGla>(p, like, stream);
     return;
@@ -183,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
   Tensor dq = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
   Tensor dk = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
   Tensor dv = torch::stable::new_empty(q, {d.B, d.T, d.H, d.V});
-  const int64_t tiles_k = value_tiles(d.V, d.K);   // dq and dk passes: q/k role has head dim V
+  const int64_t tiles_k = value_tiles(d.V, d.K, q.get_device());   // dq and dk passes: q/k role has head dim V
   Tensor dq_dots = need_dg ? empty_f32(q, {tiles_k, d.B * d.T, d.H}) : nothing(q);
   Tensor dk_dots = need_dg ? empty_f32(q, {tiles_k, d.B * d.T, d.H}) : nothing(q);
   Tensor dh0 = need_dh0 ? empty_f32(q, {d.N, d.H, d.K, d.V}) : nothing(q);

@@ -1,0 +1,24 @@
+// Host interface of the scalar-gate chunk pass on Hopper wgmma (chunk_pass_sm90.cuh): the
+// same ChunkParams and math as run_chunk_pass (chunk.h) without GLA mode, for DK in {64, 128}
+// and DV a multiple of 64, on sm_90 devices of a build with sm_90a code.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "chunk/chunk.h"
+
+namespace fla {
+
+// Value columns per thread block of the wgmma pass: its dots tensors have DV / 64 tiles.
+constexpr int kChunkValueTileSm90 = 64;
+
+template <typename Elem, int DK>
+void run_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream);
+
+// Whether this build has sm_90a code for the pass (queried once), and how many of its blocks
+// fit one SM (passes with dots keep the partner's two stages in shared memory).
+template <typename Elem, int DK>
+bool chunk_pass_sm90_built();
+template <typename Elem, int DK>
+int chunk_pass_sm90_blocks_per_sm(bool dots);
+
+}  // namespace fla
