@@ -2,25 +2,25 @@
 // walk as chunk_kernel.cuh, for DK in {64, 128}, with the products reading q, k, v and the
 // state from shared memory instead of through per-warp ldmatrix fragments.
 //
-// One thread block = one warpgroup (4 warps) = one (64 value columns, head, sequence or
-// segment). The state is carried transposed, S^T (BV, DK) in fp32 registers, as the
-// accumulator of its own update
+// One thread block = one (64 value columns, head, sequence or segment), two warpgroups that
+// split each chunk's work and run side by side (one warpgroup per block left the SM with one
+// warp per scheduler: 70% of its cycles issued nothing):
 //
-//   S^T <- exp(G_last) S^T + Vs^T K,        Vs = V * exp(G_last - G) * scale_update
+//   state warpgroup: carries S^T (BV, DK) in fp32 registers, the accumulator of its update
+//       S^T <- exp(G_last) S^T + Vs^T K,        Vs = V * exp(G_last - G) * scale_update,
+//     and its copy in the input dtype ((BV, DK), K-major: the B operand of Q S); per chunk
+//       X = diag(exp(G)) Q S * scale_inter   (fp32, handed over through shared memory),
+//     and the loads of the next chunk's q, k, v (cp.async, two stages);
+//   output warpgroup: P = (Q K^T) * D * scale_intra, O = P V + X, the output epilogue
+//     (dots, row divisors, stores) and the gates.
 //
-// (one m64 x DK product per chunk), and its copy in the input dtype, (BV, DK) K-major, is the
-// B operand of
-//
-//   O = diag(exp(G)) Q S * scale_inter + P V,   P = (Q K^T) * D * scale_intra.
-//
-// Per chunk, two batches of wgmma: {Q K^T, Q S} (A and B from shared memory), then {P V (P
-// from registers), the state update}. The next chunk's k, v stream in by cp.async while the
-// current one is computed (two stages), its q once the first batch has read this one's (one
-// stage: 16 KB less, so that two blocks fit an SM). Accumulators have the m16n8 layout per
-// warp (warp w owns rows 16w..16w+15), so the gate epilogues are those of the SM80 pass; the
-// state copy and the output leave the registers by stmatrix. Shared tiles use the 128-byte
-// swizzle of the SM80 pass (checked equal to the GMMA canonical layouts): the threads'
-// cp.async address them with its plain layouts.
+// Per chunk: a barrier of both (chunk c's inputs and gates are in), then each its wgmma;
+// the state warpgroup signals X with bar.arrive and goes on with the state update while the
+// output warpgroup finishes. Accumulators have the m16n8 layout per warp (warp w of a
+// warpgroup owns rows 16w..16w+15), the same in both warpgroups, so X moves thread to
+// thread. The state copy and the output leave the registers by stmatrix. Shared tiles use
+// the 128-byte swizzle of the SM80 pass (checked equal to the GMMA canonical layouts): the
+// threads' cp.async address them with its plain layouts.
 #pragma once
 #include <cute/tensor.hpp>
 
@@ -45,7 +45,7 @@ __device__ __forceinline__ void fence_view_async_shared() {
 template <typename Elem_, int DK_>
 struct Traits {
   using Elem = typename chunk::CuteType<Elem_>::type;
-  static constexpr int C = kChunk, DK = DK_, BV = kChunkValueTileSm90, kThreads = 128;
+  static constexpr int C = kChunk, DK = DK_, BV = kChunkValueTileSm90, kThreads = 256;
   static_assert(DK == 64 || DK == 128, "the wgmma pass holds S^T (64, DK) in one accumulator");
 
   // GMMA views of the tiles
@@ -70,13 +70,13 @@ struct Traits {
   using StsmAtom = Copy_Atom<SM90_U32x4_STSM_N, Elem>;
   using LdsmAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
 
-  // Shared memory in elements from a 1024-byte aligned base: q; two stages of k, v; scaled v
-  // (then the output rows); S^T; fp32 gates and row divisors (two stages each); the dots
-  // partner (two stages) last, allocated only when a pass has dots.
+  // Shared memory in elements from a 1024-byte aligned base: two stages of q, k, v; scaled v;
+  // S^T; then fp32: X (C, BV), two stages of gates and of row divisors; the dots partner (two
+  // stages) last, allocated only when a pass has dots.
   static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK;
-  static constexpr int kOffQ = 0, kOffK = kQK, kOffV = 3 * kQK, kOffVs = kOffV + 2 * kV, kOffSt = kOffVs + kV;
+  static constexpr int kOffQ = 0, kOffK = 2 * kQK, kOffV = 4 * kQK, kOffVs = kOffV + 2 * kV, kOffSt = kOffVs + kV;
   static constexpr int kOffF32 = kOffSt + kSt;
-  static constexpr int kBytesNoDots = kOffF32 * int(sizeof(Elem)) + 4 * C * int(sizeof(float));
+  static constexpr int kBytesNoDots = kOffF32 * int(sizeof(Elem)) + (C * BV + 4 * C) * int(sizeof(float));
   static constexpr int kBytesDots = kBytesNoDots + 2 * kV * int(sizeof(Elem));
   static constexpr int kAlign = 1024;   // the swizzle and the GMMA descriptors use absolute addresses
 };
@@ -99,31 +99,44 @@ __device__ __forceinline__ void fence_operand(T& frag) {
   for (int i = 0; i < size(frag); ++i) warpgroup_fence_operand(frag(i));
 }
 
+// Named barriers (0 is __syncthreads): the chunk's inputs are in (both warpgroups); X is
+// written (the state warpgroup arrives, the output warpgroup waits); the scaled v is written
+// (state warpgroup only).
+enum : int { kBarChunk = 1, kBarX = 2, kBarVs = 3 };
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 template <typename Elem_, int DK>
-__global__ void __launch_bounds__(128, 1) chunk_pass_sm90_kernel(const __grid_constant__ ChunkParams p) {
+__global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_constant__ ChunkParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = Traits<Elem_, DK>;
   using Elem = typename Tr::Elem;
-  constexpr int C = Tr::C, BV = Tr::BV, kThreads = Tr::kThreads;
+  constexpr int C = Tr::C, BV = Tr::BV, kWg = 128;
 
   extern __shared__ unsigned char smem_raw[];
   // aligned by an offset from the shared array (a rounded integer address would lose the
   // shared state space: generic loads and stores)
   const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & (Tr::kAlign - 1);
   Elem* const smem = reinterpret_cast<Elem*>(smem_raw + ((Tr::kAlign - misalign) & (Tr::kAlign - 1)));
-  Elem* const q_buf = smem + Tr::kOffQ;     // [C*DK]
+  Elem* const q_buf = smem + Tr::kOffQ;     // [2][C*DK]
   Elem* const k_buf = smem + Tr::kOffK;     // [2][C*DK]
   Elem* const v_buf = smem + Tr::kOffV;     // [2][C*BV]
   Elem* const vs_buf = smem + Tr::kOffVs;   // [C*BV]  v * exp(G_last - G) * scale_update
   Elem* const st_buf = smem + Tr::kOffSt;   // [BV*DK] S^T in the input dtype
-  float* const g_buf = reinterpret_cast<float*>(smem + Tr::kOffF32);   // [2][C] cumulative gates (log2)
+  float* const x_buf = reinterpret_cast<float*>(smem + Tr::kOffF32);   // [C*BV] X, thread-major
+  float* const g_buf = x_buf + C * BV;                                  // [2][C] cumulative gates (log2)
   float* const div_buf = g_buf + 2 * C;                                 // [2][C] output row divisors
   Elem* const dot_buf = reinterpret_cast<Elem*>(div_buf + 2 * C);      // [2][C*BV] rows of dot_with
 
   const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z / p.num_segs, seg = blockIdx.z % p.num_segs;
   const bool flip = p.reverse;
   if (p.state_only && seg == p.num_segs - 1) return;   // nobody starts after the last segment
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const bool state_wg = threadIdx.x >= kWg;            // warpgroup 1: the state; 0: the output
+  const int tid = threadIdx.x % kWg, warp = tid / 32, lane = tid % 32;
   const int64_t H = p.H, DV = p.DV;
   int64_t bos = int64_t(n) * p.T, len = p.T;
   if (p.cu_seqlens != nullptr) {
@@ -143,17 +156,11 @@ __global__ void __launch_bounds__(128, 1) chunk_pass_sm90_kernel(const __grid_co
     return raw_gate_at_token(p.reverse ? bos + len - pos : bos + pos);
   };
 
-  const Elem* q = static_cast<const Elem*>(p.q) + h * DK;
-  const Elem* k = static_cast<const Elem*>(p.k) + h * DK;
-  const Elem* v = static_cast<const Elem*>(p.v) + h * DV + tile * BV;
-  const Elem* other = static_cast<const Elem*>(p.dot_with) + h * DV + tile * BV;
-
-  // Loads: thread tid moves 16-byte vectors at rows r0 + j * kRows of a chunk.
-  constexpr int kVecQK = DK / 8, kRowsQK = kThreads / kVecQK, kVecV = BV / 8, kRowsV = kThreads / kVecV;
+  // Loads: thread tid of a warpgroup moves 16-byte vectors at rows r0 + j * kRows of a chunk;
+  // rows past the end are zero-filled from the tensor's first row (never read).
+  constexpr int kVecQK = DK / 8, kRowsQK = kWg / kVecQK, kVecV = BV / 8, kRowsV = kWg / kVecV;
   const int rq0 = tid / kVecQK, cq = tid % kVecQK * 8, rv0 = tid / kVecV, cv = tid % kVecV * 8;
-  int smem_off_qk[C / kRowsQK], smem_off_v[C / kRowsV];
-  CUTE_UNROLL
-  for (int j = 0; j < C / kRowsQK; ++j) smem_off_qk[j] = typename Tr::PlainQK{}(rq0 + j * kRowsQK, cq);
+  int smem_off_v[C / kRowsV];
   CUTE_UNROLL
   for (int j = 0; j < C / kRowsV; ++j) smem_off_v[j] = typename Tr::PlainV{}(rv0 + j * kRowsV, cv);
   auto copy_rows = [&](auto rows_c, Elem* s, const int* soff, const Elem* base, int64_t off, int64_t step, int r0,
@@ -162,7 +169,7 @@ __global__ void __launch_bounds__(128, 1) chunk_pass_sm90_kernel(const __grid_co
     if (rows_left >= C) {
       CUTE_UNROLL
       for (int j = 0; j < C / kRows; ++j) cp_async_16(s + soff[j], base + off + j * step, true);
-    } else {   // rows past the end: zero-filled from the tensor's first row (never read)
+    } else {
       CUTE_UNROLL
       for (int j = 0; j < C / kRows; ++j) {
         const bool valid = r0 + j * kRows < rows_left;
@@ -170,27 +177,10 @@ __global__ void __launch_bounds__(128, 1) chunk_pass_sm90_kernel(const __grid_co
       }
     }
   };
-  const int64_t qk_step = (flip ? -kRowsQK : kRowsQK) * H * DK;
-  auto load_q = [&](int c) {   // the state-only launch needs k, v only
-    const int64_t pos0 = seg_begin + int64_t(c) * C;
-    copy_rows(Int<kRowsQK>{}, q_buf, smem_off_qk, q, token(pos0 + rq0) * H * DK + cq, qk_step, rq0,
-              int(min(int64_t(C), len - pos0)));
-  };
-  auto load_chunk = [&](int c, int stage) {
-    const int64_t pos0 = seg_begin + int64_t(c) * C;
-    const int rows_left = int(min(int64_t(C), len - pos0));
-    const int64_t qk_off = token(pos0 + rq0) * H * DK + cq;
-    copy_rows(Int<kRowsQK>{}, k_buf + stage * Tr::kQK, smem_off_qk, k, qk_off, qk_step, rq0, rows_left);
-    const int64_t v_off = token(pos0 + rv0) * H * DV + cv, v_step = (flip ? -kRowsV : kRowsV) * H * DV;
-    copy_rows(Int<kRowsV>{}, v_buf + stage * Tr::kV, smem_off_v, v, v_off, v_step, rv0, rows_left);
-    if (p.dots != nullptr)   // the dot partner has v's layout
-      copy_rows(Int<kRowsV>{}, dot_buf + stage * Tr::kV, smem_off_v, other, v_off, v_step, rv0, rows_left);
-    if (p.o_row_div != nullptr && !p.state_only && tid < C) {   // zeros past the end
-      const bool valid = tid < rows_left;
-      cp_async_4(div_buf + stage * C + tid, p.o_row_div + (valid ? token(pos0 + tid) * H + h : 0), valid);
-    }
-  };
-  // Warp 0 fetches a chunk's raw gates early and scans them late (latency hidden).
+  const int64_t v_step = (flip ? -kRowsV : kRowsV) * H * DV;
+  const Elem* v = static_cast<const Elem*>(p.v) + h * DV + tile * BV;
+
+  // Warp 0 of the output warpgroup fetches a chunk's raw gates early and scans them late.
   float raw_gate0 = 0.f, raw_gate1 = 0.f;
   auto fetch_gates = [&](int c) {
     raw_gate0 = raw_gate(seg_begin + int64_t(c) * C + 2 * lane);
@@ -211,237 +201,303 @@ __global__ void __launch_bounds__(128, 1) chunk_pass_sm90_kernel(const __grid_co
   };
 
   typename Tr::MmaQK mma_qk;
-  typename Tr::MmaPV mma_pv;
-  typename Tr::MmaSU mma_su;
   auto thr_qk = mma_qk.get_thread_slice(tid);
-  auto thr_pv = mma_pv.get_thread_slice(tid);
-  auto thr_su = mma_su.get_thread_slice(tid);
-
-  // The state S^T (BV, DK) in fp32 registers: value i at (column v, key row d) of S.
-  Tensor accH = partition_fragment_C(mma_su, Shape<Int<BV>, Int<DK>>{});   // (MMA, 1, 1)
-  Tensor tHcH = thr_su.partition_C(make_identity_tensor(Shape<Int<BV>, Int<DK>>{}));
-  CUTE_STATIC_ASSERT_V(size(accH) == size(tHcH));
-  auto state_at = [&](int i, int64_t stride_k, int64_t stride_v) {   // offset of value i in a [DK, DV] state
-    return get<1>(tHcH(i)) * stride_k + get<0>(tHcH(i)) * stride_v;
-  };
-  const int64_t state_off = (int64_t(n) * H + h) * DK * DV + int64_t(tile) * BV * p.state_stride_v;
-  if (p.h0 != nullptr && !p.state_only) {
-    CUTE_UNROLL
-    for (int i = 0; i < size(accH); ++i) accH(i) = p.h0[state_off + state_at(i, p.state_stride_k, p.state_stride_v)];
-  } else {
-    clear(accH);
-  }
-  // segment s > 0 of a split walk: fold in the segments before it, in order
-  auto seg_state_off = [&](int s) { return ((int64_t(n) * p.num_segs + s) * H + h) * DK * DV + int64_t(tile) * BV; };
-  if (!p.state_only) {
-    for (int s = 0; s < seg; ++s) {
-      const float* u = p.seg_states + seg_state_off(s);
-      const float a = exp2_ftz(p.seg_gates[(int64_t(n) * p.num_segs + s) * H + h]);
-      CUTE_UNROLL
-      for (int i = 0; i < size(accH); ++i) accH(i) = a * accH(i) + u[state_at(i, DV, 1)];
-    }
-  }
-  // S^T copy in the input dtype, by stmatrix
-  Tensor sSt = make_tensor(make_smem_ptr(st_buf), typename Tr::LayoutSt{});   // (BV, DK)
-  auto sts_state = make_tiled_copy_C(typename Tr::StsmAtom{}, mma_su);
-  auto sts_state_thr = sts_state.get_thread_slice(tid);
-  Tensor tHsSt = sts_state_thr.partition_D(sSt);
-  auto store_state_smem = [&] {
-    Tensor rH = make_tensor_like<Elem>(accH);
-    CUTE_UNROLL
-    for (int i = 0; i < size(accH); ++i) rH(i) = static_cast<Elem>(accH(i));
-    copy(sts_state, sts_state_thr.retile_S(rH), tHsSt);
-  };
-  float gate_sum = 0.f;   // total log2 gate of this block's positions (state-only launch)
-
   // The m16n8 accumulator structure of a 64 x 64 tile: value 4 nb + 2 h8 + e sits at row
   // r0 + 8 h8, column c0 + 8 nb + e.
   Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
   const int r0 = get<0>(tScS(0)), c0 = get<1>(tScS(0));
   CUTE_STATIC_ASSERT_V(size(tScS) == Int<2 * C / 8 * 2>{});
+  // X moves thread to thread: value i of thread t at x_buf[(i / 4) * 4 * kWg + 4 t + i % 4]
+  constexpr int kX = C * BV / kWg;   // values per thread
+  auto x_vec = [&](int j) { return reinterpret_cast<float4*>(x_buf + j * 4 * kWg + 4 * tid); };
 
-  // O leaves through the chunk's v tile (read by P V, which is done; the state update reads
-  // the scaled copy): stmatrix of this warp's rows, then 16-byte stores.
-  auto sts_o = make_tiled_copy_C(typename Tr::StsmAtom{}, mma_qk);
-  auto sts_o_thr = sts_o.get_thread_slice(tid);
-  auto store_output = [&](auto const& accO, Elem* so, int c) {
-    Tensor sO = make_tensor(make_smem_ptr(so), typename Tr::LayoutO{});   // (C, BV)
-    Tensor rO = make_tensor_like<Elem>(accO);
+  if (state_wg) {
+    // ------------------------------------------------------------------ state warpgroup
+    typename Tr::MmaSU mma_su;
+    auto thr_su = mma_su.get_thread_slice(tid);
+    const Elem* q = static_cast<const Elem*>(p.q) + h * DK;
+    const Elem* k = static_cast<const Elem*>(p.k) + h * DK;
+    int smem_off_qk[C / kRowsQK];
     CUTE_UNROLL
-    for (int i = 0; i < size(accO); ++i) rO(i) = static_cast<Elem>(accO(i));
-    copy(sts_o, sts_o_thr.retile_S(rO), sts_o_thr.partition_D(sO));
-    __syncwarp();
-    Elem* o = static_cast<Elem*>(p.o) + h * DV + tile * BV;
-    CUTE_UNROLL
-    for (int j = 0; j < 16 * BV / 8 / 32; ++j) {
-      const int i = lane + 32 * j;
-      const int r = warp * 16 + i / (BV / 8), col = i % (BV / 8) * 8;
-      const int64_t pos = seg_begin + int64_t(c) * C + r;
-      if (pos < len)
-        *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
-            *reinterpret_cast<const cute::uint128_t*>(so + typename Tr::PlainV{}(r, col));
-    }
-  };
+    for (int j = 0; j < C / kRowsQK; ++j) smem_off_qk[j] = typename Tr::PlainQK{}(rq0 + j * kRowsQK, cq);
+    const int64_t qk_step = (flip ? -kRowsQK : kRowsQK) * H * DK;
+    auto load_chunk = [&](int c, int stage) {
+      const int64_t pos0 = seg_begin + int64_t(c) * C;
+      const int rows_left = int(min(int64_t(C), len - pos0));
+      const int64_t qk_off = token(pos0 + rq0) * H * DK + cq;
+      if (!p.state_only)   // the state needs k, v only
+        copy_rows(Int<kRowsQK>{}, q_buf + stage * Tr::kQK, smem_off_qk, q, qk_off, qk_step, rq0, rows_left);
+      copy_rows(Int<kRowsQK>{}, k_buf + stage * Tr::kQK, smem_off_qk, k, qk_off, qk_step, rq0, rows_left);
+      copy_rows(Int<kRowsV>{}, v_buf + stage * Tr::kV, smem_off_v, v, token(pos0 + rv0) * H * DV + cv, v_step, rv0,
+                rows_left);
+    };
 
-  if (num_chunks > 0) {
-    if (!p.state_only) load_q(0);
-    load_chunk(0, 0);
-    cp_async_fence();
-    if (warp == 0) {
-      fetch_gates(0);
-      scan_gates(0);
-    }
-  }
-  store_state_smem();
-
-  for (int c = 0; c < num_chunks; ++c) {
-    const int stage = c & 1;
-    cp_async_wait<0>();
-    fence_view_async_shared();           // this thread's copies and stores, to the wgmma proxy
-    __syncthreads();                     // chunk c, its gates and the state copy are visible
-
-    Tensor sQ = make_tensor(make_smem_ptr(q_buf), typename Tr::LayoutQK{});                     // (C, DK)
-    Tensor sK = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
-    Tensor sKt = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutKt{});  // (DK, C)
-    Tensor sVt = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutVt{});   // (BV, C)
-    Tensor sVst = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutVt{});                  // (BV, C)
-    const float* G = g_buf + stage * C;
-    const float g_last = G[C - 1];
-    gate_sum += g_last;
-
-    Tensor accS = partition_fragment_C(mma_qk, Shape<Int<C>, Int<C>>{});    // (MMA, 1, 1) Q K^T
-    Tensor accO = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) O
-    if (!p.state_only) {   // batch 1: Q K^T and Q S
-      Tensor tSrQ = thr_qk.partition_fragment_A(sQ);                         // (MMA, 1, DK/16)
-      Tensor tSrK = thr_qk.partition_fragment_B(sK);                         // (MMA, 1, DK/16)
-      Tensor tOrSt = thr_qk.partition_fragment_B(sSt);                       // (MMA, 1, DK/16)
-      fence_operand(accS);
-      fence_operand(accO);
-      warpgroup_arrive();
-      wgmma_k(mma_qk, tSrQ, tSrK, accS, true);
-      wgmma_k(mma_qk, tSrQ, tOrSt, accO, true);
-      warpgroup_commit_batch();
-    }
-    // the next chunk's k, v (and dots partner) while the tensor cores work
-    if (c + 1 < num_chunks) {
-      load_chunk(c + 1, stage ^ 1);
-      if (warp == 0) fetch_gates(c + 1);
-    }
-    cp_async_fence();
-    // V scaled by its decay to the chunk end, for the state update (overlaps batch 1)
-    CUTE_UNROLL
-    for (int j = 0; j < C / kRowsV; ++j) {
-      const float w = exp2_ftz(g_last - G[rv0 + j * kRowsV]) * p.scale_update;
-      cute::array<Elem, 8> x;
-      *reinterpret_cast<cute::uint128_t*>(x.data()) =
-          *reinterpret_cast<const cute::uint128_t*>(v_buf + stage * Tr::kV + smem_off_v[j]);
+    // S^T (BV, DK) in fp32 registers: value i at (column v, key row d) of S.
+    Tensor accH = partition_fragment_C(mma_su, Shape<Int<BV>, Int<DK>>{});   // (MMA, 1, 1)
+    Tensor tHcH = thr_su.partition_C(make_identity_tensor(Shape<Int<BV>, Int<DK>>{}));
+    CUTE_STATIC_ASSERT_V(size(accH) == size(tHcH));
+    auto state_at = [&](int i, int64_t stride_k, int64_t stride_v) {   // offset of value i in a [DK, DV] state
+      return get<1>(tHcH(i)) * stride_k + get<0>(tHcH(i)) * stride_v;
+    };
+    const int64_t state_off = (int64_t(n) * H + h) * DK * DV + int64_t(tile) * BV * p.state_stride_v;
+    if (p.h0 != nullptr && !p.state_only) {
       CUTE_UNROLL
-      for (int e = 0; e < 8; ++e) x[e] = static_cast<Elem>(static_cast<float>(x[e]) * w);
-      *reinterpret_cast<cute::uint128_t*>(vs_buf + smem_off_v[j]) = *reinterpret_cast<const cute::uint128_t*>(x.data());
-    }
-    Tensor rP = make_tensor<Elem>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<C / 16>>,
-                                         Stride<Stride<_1, _2, _4>, _0, _8>>{});   // P as A operand (MMA, 1, C/16)
-    if (!p.state_only) {
-      warpgroup_wait<0>();
-      fence_operand(accS);
-      fence_operand(accO);
-      __syncthreads();                   // every warp's batch 1 has read q: the next chunk's q may come
-      if (c + 1 < num_chunks) load_q(c + 1);
-      cp_async_fence();
-      // P = S_qk * D * scale_intra (a select, not a branch, per element)
-      const float g_row[2] = {G[r0], G[r0 + 8]};
-      CUTE_UNROLL
-      for (int nb = 0; nb < C / 8; ++nb) {
-        const float2 g_col = *reinterpret_cast<const float2*>(G + c0 + 8 * nb);
-        CUTE_UNROLL
-        for (int h8 = 0; h8 < 2; ++h8)
-          CUTE_UNROLL
-          for (int e = 0; e < 2; ++e) {
-            const int i = nb * 4 + h8 * 2 + e;
-            const float x = accS(i) * exp2_ftz(g_row[h8] - (e ? g_col.y : g_col.x)) * p.scale_intra;
-            rP(i) = static_cast<Elem>(c0 + 8 * nb + e <= r0 + 8 * h8 ? x : 0.f);
-          }
-      }
-      const float w[2] = {exp2_ftz(g_row[0]) * p.scale_inter, exp2_ftz(g_row[1]) * p.scale_inter};
-      CUTE_UNROLL
-      for (int i = 0; i < size(accO); ++i) accO(i) *= w[(i / 2) % 2];
-    }
-    fence_view_async_shared();
-    __syncthreads();                     // scaled v visible to the state update
-    const float a = exp2_ftz(g_last);
-    CUTE_UNROLL
-    for (int i = 0; i < size(accH); ++i) accH(i) *= a;
-    // batch 2: O += P V and S^T = a S^T + Vs^T K (waiting for P V alone, to overlap the state
-    // update with the output epilogue, made ptxas serialize every wgmma of the kernel)
-    Tensor tHrVs = thr_su.partition_fragment_A(sVst);                        // (MMA, 1, C/16)
-    Tensor tHrK = thr_su.partition_fragment_B(sKt);                          // (MMA, 1, C/16)
-    fence_operand(accH);
-    if (!p.state_only) {
-      Tensor tOrV = thr_pv.partition_fragment_B(sVt);                        // (MMA, 1, C/16)
-      fence_operand(accO);
-      warpgroup_arrive();
-      wgmma_k(mma_pv, rP, tOrV, accO, false);
+      for (int i = 0; i < size(accH); ++i) accH(i) = p.h0[state_off + state_at(i, p.state_stride_k, p.state_stride_v)];
     } else {
-      warpgroup_arrive();
+      clear(accH);
     }
-    wgmma_k(mma_su, tHrVs, tHrK, accH, false);
-    warpgroup_commit_batch();
-
-    warpgroup_wait<0>();
-    fence_operand(accH);
-
+    // segment s > 0 of a split walk: fold in the segments before it, in order
+    auto seg_state_off = [&](int s) { return ((int64_t(n) * p.num_segs + s) * H + h) * DK * DV + int64_t(tile) * BV; };
     if (!p.state_only) {
-      fence_operand(accO);
-      // Epilogue. Optional per-row dot products with another tensor (dg of the backward).
-      if (p.dots != nullptr) {   // partner rows were prefetched with the chunk (zeros past the end)
-        Tensor sD = make_tensor(make_smem_ptr(dot_buf + stage * Tr::kV), typename Tr::LayoutO{});   // (C, BV)
-        auto lds_d = make_tiled_copy_C(typename Tr::LdsmAtom{}, mma_qk);
-        auto lds_d_thr = lds_d.get_thread_slice(tid);
-        Tensor rD = make_tensor_like<Elem>(accO);
-        copy(lds_d, lds_d_thr.partition_S(sD), lds_d_thr.retile_D(rD));
-        float part[2] = {0.f, 0.f};
+      for (int s = 0; s < seg; ++s) {
+        const float* u = p.seg_states + seg_state_off(s);
+        const float a = exp2_ftz(p.seg_gates[(int64_t(n) * p.num_segs + s) * H + h]);
         CUTE_UNROLL
-        for (int i = 0; i < size(accO); ++i) part[(i / 2) % 2] += accO(i) * static_cast<float>(rD(i));
+        for (int i = 0; i < size(accH); ++i) accH(i) = a * accH(i) + u[state_at(i, DV, 1)];
+      }
+    }
+    Tensor sSt = make_tensor(make_smem_ptr(st_buf), typename Tr::LayoutSt{});   // (BV, DK)
+    auto sts_state = make_tiled_copy_C(typename Tr::StsmAtom{}, mma_su);
+    auto sts_state_thr = sts_state.get_thread_slice(tid);
+    Tensor tHsSt = sts_state_thr.partition_D(sSt);
+    auto store_state_smem = [&] {   // the copy in the input dtype, by stmatrix
+      Tensor rH = make_tensor_like<Elem>(accH);
+      CUTE_UNROLL
+      for (int i = 0; i < size(accH); ++i) rH(i) = static_cast<Elem>(accH(i));
+      copy(sts_state, sts_state_thr.retile_S(rH), tHsSt);
+    };
+    float gate_sum = 0.f;   // total log2 gate of this block's positions (state-only launch)
+
+    if (num_chunks > 0) load_chunk(0, 0);
+    cp_async_fence();
+    store_state_smem();
+    for (int c = 0; c < num_chunks; ++c) {
+      const int stage = c & 1;
+      cp_async_wait<0>();
+      fence_view_async_shared();         // this thread's copies and stores, to the wgmma proxy
+      bar_sync(kBarChunk, 2 * kWg);      // chunk c, its gates and the state copy are visible
+      const float* G = g_buf + stage * C;
+      const float g_last = G[C - 1];
+      gate_sum += g_last;
+      Tensor accX = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1)
+      if (!p.state_only) {   // X = Q S
+        Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
+        Tensor tXrQ = thr_qk.partition_fragment_A(sQ);                       // (MMA, 1, DK/16)
+        Tensor tXrSt = thr_qk.partition_fragment_B(sSt);                     // (MMA, 1, DK/16)
+        fence_operand(accX);
+        warpgroup_arrive();
+        wgmma_k(mma_qk, tXrQ, tXrSt, accX, true);
+        warpgroup_commit_batch();
+      }
+      if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);   // while the tensor cores work
+      cp_async_fence();
+      // V scaled by its decay to the chunk end, for the state update
+      CUTE_UNROLL
+      for (int j = 0; j < C / kRowsV; ++j) {
+        const float w = exp2_ftz(g_last - G[rv0 + j * kRowsV]) * p.scale_update;
+        cute::array<Elem, 8> x;
+        *reinterpret_cast<cute::uint128_t*>(x.data()) =
+            *reinterpret_cast<const cute::uint128_t*>(v_buf + stage * Tr::kV + smem_off_v[j]);
         CUTE_UNROLL
-        for (int j = 0; j < 2; ++j) {
-          part[j] += __shfl_xor_sync(0xffffffffu, part[j], 1);
-          part[j] += __shfl_xor_sync(0xffffffffu, part[j], 2);
+        for (int e = 0; e < 8; ++e) x[e] = static_cast<Elem>(static_cast<float>(x[e]) * w);
+        *reinterpret_cast<cute::uint128_t*>(vs_buf + smem_off_v[j]) = *reinterpret_cast<const cute::uint128_t*>(x.data());
+      }
+      if (!p.state_only) {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
+        warpgroup_wait<0>();
+        fence_operand(accX);
+        const float w[2] = {exp2_ftz(G[r0]) * p.scale_inter, exp2_ftz(G[r0 + 8]) * p.scale_inter};
+        CUTE_UNROLL
+        for (int j = 0; j < kX / 4; ++j)
+          *x_vec(j) = make_float4(accX(4 * j) * w[0], accX(4 * j + 1) * w[0], accX(4 * j + 2) * w[1],
+                                  accX(4 * j + 3) * w[1]);
+        bar_arrive(kBarX, 2 * kWg);
+      }
+      fence_view_async_shared();
+      bar_sync(kBarVs, kWg);             // scaled v visible to the state update
+      const float a = exp2_ftz(g_last);
+      CUTE_UNROLL
+      for (int i = 0; i < size(accH); ++i) accH(i) *= a;
+      Tensor sKt = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutKt{});  // (DK, C)
+      Tensor sVst = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutVt{});                  // (BV, C)
+      Tensor tHrVs = thr_su.partition_fragment_A(sVst);                      // (MMA, 1, C/16)
+      Tensor tHrK = thr_su.partition_fragment_B(sKt);                        // (MMA, 1, C/16)
+      fence_operand(accH);
+      warpgroup_arrive();
+      wgmma_k(mma_su, tHrVs, tHrK, accH, false);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      fence_operand(accH);
+      if (!p.state_only) store_state_smem();   // read by the next chunk's X, after its barrier
+    }
+
+    if (p.state_only) {
+      float* u = p.seg_states + seg_state_off(seg);
+      CUTE_UNROLL
+      for (int i = 0; i < size(accH); ++i) u[state_at(i, DV, 1)] = accH(i);
+      if (tile == 0 && tid == 0) p.seg_gates[(int64_t(n) * p.num_segs + seg) * H + h] = gate_sum;
+      return;
+    }
+    if (p.ht != nullptr && seg == p.num_segs - 1) {
+      // reverse: the first step's gate still applies (dL/dS_{-1} = exp(g_0) dL/dS_0)
+      const float a = (flip && len > 0) ? __expf(fmaxf(raw_gate_at_token(bos), kMinLogGate)) : 1.f;
+      CUTE_UNROLL
+      for (int i = 0; i < size(accH); ++i)
+        p.ht[state_off + state_at(i, p.state_stride_k, p.state_stride_v)] = accH(i) * a;
+    }
+  } else {
+    // ------------------------------------------------------------------ output warpgroup
+    typename Tr::MmaPV mma_pv;
+    auto thr_pv = mma_pv.get_thread_slice(tid);
+    const Elem* other = static_cast<const Elem*>(p.dot_with) + h * DV + tile * BV;
+    auto load_chunk = [&](int c, int stage) {   // what the epilogue reads: dots partner, divisors
+      const int64_t pos0 = seg_begin + int64_t(c) * C;
+      const int rows_left = int(min(int64_t(C), len - pos0));
+      if (p.dots != nullptr)   // the dot partner has v's layout
+        copy_rows(Int<kRowsV>{}, dot_buf + stage * Tr::kV, smem_off_v, other, token(pos0 + rv0) * H * DV + cv, v_step,
+                  rv0, rows_left);
+      if (p.o_row_div != nullptr && tid < C) {   // zeros past the end
+        const bool valid = tid < rows_left;
+        cp_async_4(div_buf + stage * C + tid, p.o_row_div + (valid ? token(pos0 + tid) * H + h : 0), valid);
+      }
+    };
+    auto sts_o = make_tiled_copy_C(typename Tr::StsmAtom{}, mma_qk);
+    auto sts_o_thr = sts_o.get_thread_slice(tid);
+    // O leaves through the chunk's q tile (read by both products, which are done): stmatrix
+    // of this warp's rows, then 16-byte stores.
+    auto store_output = [&](auto const& accO, Elem* so, int c) {
+      Tensor sO = make_tensor(make_smem_ptr(so), typename Tr::LayoutO{});   // (C, BV)
+      Tensor rO = make_tensor_like<Elem>(accO);
+      CUTE_UNROLL
+      for (int i = 0; i < size(accO); ++i) rO(i) = static_cast<Elem>(accO(i));
+      copy(sts_o, sts_o_thr.retile_S(rO), sts_o_thr.partition_D(sO));
+      __syncwarp();
+      Elem* o = static_cast<Elem*>(p.o) + h * DV + tile * BV;
+      CUTE_UNROLL
+      for (int j = 0; j < 16 * BV / 8 / 32; ++j) {
+        const int i = lane + 32 * j;
+        const int r = warp * 16 + i / (BV / 8), col = i % (BV / 8) * 8;
+        const int64_t pos = seg_begin + int64_t(c) * C + r;
+        if (pos < len)
+          *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
+              *reinterpret_cast<const cute::uint128_t*>(so + typename Tr::PlainV{}(r, col));
+      }
+    };
+
+    if (num_chunks > 0) {
+      if (!p.state_only) load_chunk(0, 0);
+      if (warp == 0) {   // chunk 0's gates
+        fetch_gates(0);
+        scan_gates(0);
+      }
+    }
+    cp_async_fence();
+    if (p.state_only) {   // the gates only (a loop of its own: a branch between a wgmma and its
+                          // wait made ptxas serialize them), fetched two chunks ahead: the
+                          // state update alone is shorter than a load
+      if (warp == 0 && num_chunks > 1) fetch_gates(1);
+      for (int c = 0; c < num_chunks; ++c) {
+        bar_sync(kBarChunk, 2 * kWg);
+        if (warp == 0 && c + 1 < num_chunks) {
+          scan_gates((c + 1) & 1);
+          if (c + 2 < num_chunks) fetch_gates(c + 2);
         }
-        if (lane % 4 == 0) {
+      }
+      return;
+    }
+    for (int c = 0; c < num_chunks; ++c) {
+      const int stage = c & 1;
+      cp_async_wait<0>();
+      bar_sync(kBarChunk, 2 * kWg);
+      Tensor accS = partition_fragment_C(mma_qk, Shape<Int<C>, Int<C>>{});    // (MMA, 1, 1) Q K^T
+      {
+        Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
+        Tensor sK = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
+        Tensor tSrQ = thr_qk.partition_fragment_A(sQ);                          // (MMA, 1, DK/16)
+        Tensor tSrK = thr_qk.partition_fragment_B(sK);                          // (MMA, 1, DK/16)
+        fence_operand(accS);
+        warpgroup_arrive();
+        wgmma_k(mma_qk, tSrQ, tSrK, accS, true);
+        warpgroup_commit_batch();
+      }
+      if (c + 1 < num_chunks) {   // while the tensor cores work
+        load_chunk(c + 1, stage ^ 1);
+        if (warp == 0) fetch_gates(c + 1);
+      }
+      cp_async_fence();
+      {
+        const float* G = g_buf + stage * C;
+        Tensor sVt = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutVt{});   // (BV, C)
+        warpgroup_wait<0>();
+        fence_operand(accS);
+        // P = S_qk * D * scale_intra (a select, not a branch, per element)
+        Tensor rP = make_tensor<Elem>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<C / 16>>,
+                                             Stride<Stride<_1, _2, _4>, _0, _8>>{});   // A operand (MMA, 1, C/16)
+        const float g_row[2] = {G[r0], G[r0 + 8]};
+        CUTE_UNROLL
+        for (int nb = 0; nb < C / 8; ++nb) {
+          const float2 g_col = *reinterpret_cast<const float2*>(G + c0 + 8 * nb);
+          CUTE_UNROLL
+          for (int h8 = 0; h8 < 2; ++h8)
+            CUTE_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              const int i = nb * 4 + h8 * 2 + e;
+              const float x = accS(i) * exp2_ftz(g_row[h8] - (e ? g_col.y : g_col.x)) * p.scale_intra;
+              rP(i) = static_cast<Elem>(c0 + 8 * nb + e <= r0 + 8 * h8 ? x : 0.f);
+            }
+        }
+        Tensor accO = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) O
+        Tensor tOrV = thr_pv.partition_fragment_B(sVt);                         // (MMA, 1, C/16)
+        fence_operand(accO);
+        warpgroup_arrive();
+        wgmma_k(mma_pv, rP, tOrV, accO, true);
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        fence_operand(accO);
+        bar_sync(kBarX, 2 * kWg);          // X is in
+        CUTE_UNROLL
+        for (int j = 0; j < kX / 4; ++j) {
+          const float4 x = *x_vec(j);
+          accO(4 * j) += x.x;
+          accO(4 * j + 1) += x.y;
+          accO(4 * j + 2) += x.z;
+          accO(4 * j + 3) += x.w;
+        }
+        // Epilogue. Optional per-row dot products with another tensor (dg of the backward).
+        if (p.dots != nullptr) {   // partner rows were prefetched with the chunk (zeros past the end)
+          Tensor sD = make_tensor(make_smem_ptr(dot_buf + stage * Tr::kV), typename Tr::LayoutO{});   // (C, BV)
+          auto lds_d = make_tiled_copy_C(typename Tr::LdsmAtom{}, mma_qk);
+          auto lds_d_thr = lds_d.get_thread_slice(tid);
+          Tensor rD = make_tensor_like<Elem>(accO);
+          copy(lds_d, lds_d_thr.partition_S(sD), lds_d_thr.retile_D(rD));
+          float part[2] = {0.f, 0.f};
+          CUTE_UNROLL
+          for (int i = 0; i < size(accO); ++i) part[(i / 2) % 2] += accO(i) * static_cast<float>(rD(i));
           CUTE_UNROLL
           for (int j = 0; j < 2; ++j) {
-            const int64_t pos = seg_begin + int64_t(c) * C + r0 + 8 * j;
-            if (pos < len) p.dots[(int64_t(tile) * p.B * p.T + token(pos)) * H + h] = part[j];
+            part[j] += __shfl_xor_sync(0xffffffffu, part[j], 1);
+            part[j] += __shfl_xor_sync(0xffffffffu, part[j], 2);
+          }
+          if (lane % 4 == 0) {
+            CUTE_UNROLL
+            for (int j = 0; j < 2; ++j) {
+              const int64_t pos = seg_begin + int64_t(c) * C + r0 + 8 * j;
+              if (pos < len) p.dots[(int64_t(tile) * p.B * p.T + token(pos)) * H + h] = part[j];
+            }
           }
         }
+        if (p.o_row_div != nullptr) {
+          const float* d = div_buf + stage * C;
+          const float inv[2] = {1.f / d[r0], 1.f / d[r0 + 8]};
+          CUTE_UNROLL
+          for (int i = 0; i < size(accO); ++i) accO(i) *= inv[(i / 2) % 2];
+        }
+        store_output(accO, q_buf + stage * Tr::kQK, c);
       }
-      if (p.o_row_div != nullptr) {
-        const float* d = div_buf + stage * C;
-        const float inv[2] = {1.f / d[r0], 1.f / d[r0 + 8]};
-        CUTE_UNROLL
-        for (int i = 0; i < size(accO); ++i) accO(i) *= inv[(i / 2) % 2];
-      }
-      store_output(accO, v_buf + stage * Tr::kV, c);
+      if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
     }
-    store_state_smem();                  // read by the next chunk's batch 1, after its barrier
-    if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
-  }
-
-  if (p.state_only) {
-    float* u = p.seg_states + seg_state_off(seg);
-    CUTE_UNROLL
-    for (int i = 0; i < size(accH); ++i) u[state_at(i, DV, 1)] = accH(i);
-    if (tile == 0 && tid == 0) p.seg_gates[(int64_t(n) * p.num_segs + seg) * H + h] = gate_sum;
-    return;
-  }
-  if (p.ht != nullptr && seg == p.num_segs - 1) {
-    // reverse: the first step's gate still applies (dL/dS_{-1} = exp(g_0) dL/dS_0)
-    const float a = (flip && len > 0) ? __expf(fmaxf(raw_gate_at_token(bos), kMinLogGate)) : 1.f;
-    CUTE_UNROLL
-    for (int i = 0; i < size(accH); ++i) p.ht[state_off + state_at(i, p.state_stride_k, p.state_stride_v)] = accH(i) * a;
   }
 #else
-  __trap();   // built without sm_90a: the host never launches this (chunk_pass_sm90_usable)
+  __trap();   // built without sm_90a: the host never launches this (chunk_pass_sm90_built)
 #endif
 }
 
