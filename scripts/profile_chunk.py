@@ -1,7 +1,11 @@
 """Time the chunk kernels at one shape; --table prints the CUDA kernels of one call (torch
 profiler), for finding what else a public op spends time on. Run under ncu for stall reasons.
 
-    python scripts/profile_chunk.py [--op chunk_simple_gla] [--shape BxTxHxD] [--bwd] [--table]
+    python scripts/profile_chunk.py [--op chunk_simple_gla] [--shape BxTxHxD] [--bwd] [--table] [--launches]
+
+--launches prints every kernel launch of one call with its device time, in order (--table
+merges launches of the same kernel: the split walk's state-only and full launches).
+FLA_CUDA_CHUNK_SM90=0 selects the SM80 chunk pass on Hopper.
 """
 import argparse
 
@@ -16,6 +20,7 @@ def main():
     ap.add_argument("--shape", default="4x4096x16x128")
     ap.add_argument("--bwd", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--launches", action="store_true")
     ap.add_argument("--iters", type=int, default=20)
     a = ap.parse_args()
     B, T, H, D = map(int, a.shape.split("x"))
@@ -47,6 +52,13 @@ def main():
             step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    if a.launches:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                print(f"{e.name[:70]:70s} {e.device_time:9.1f} us")
 
 
 if __name__ == "__main__":

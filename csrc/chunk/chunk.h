@@ -1,6 +1,7 @@
 // The chunkwise form of the scalar-gate recurrence (simple GLA, linear attention,
-// retention) on tensor cores: one "pass" kernel, run once for the forward and three
-// times for the backward.
+// retention) on tensor cores: one "pass", run once for the forward and three times for the
+// backward. Two kernels implement it: chunk_kernel.cuh (SM80 MMAs, any DK, GLA mode) and,
+// on sm_90 for DK in {64, 128}, chunk_pass_sm90.cuh (wgmma; chunk_sm90.h).
 //
 // A pass walks one sequence in chunks of C = 64 positions (processing order: forward in
 // time, or backward with `reverse`), carrying a [DK, BV] fp32 state S in registers:
