@@ -19,23 +19,13 @@
 #include <cute/tensor.hpp>
 
 #include "chunk/chunk.h"
+#include "chunk/chunk_walk.cuh"
 #include "common/cuda_check.h"
 
 namespace fla {
 namespace chunk {
 
 using namespace cute;
-
-constexpr float kLog2e = 1.4426950408889634f;
-
-// 2^x in one MUFU instruction (denormal results flush to zero: decays below 1e-38). The
-// gates' running sums are kept in log2 units for it: __expf adds a multiply, and a range
-// check and rescale for denormals.
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 template <typename T> struct CuteType { using type = T; };
 template <> struct CuteType<__nv_bfloat16> { using type = cute::bfloat16_t; };
@@ -162,18 +152,6 @@ __device__ __forceinline__ void store_pairs(Acc const& acc, Dst& dst) {
   }
 }
 
-template <typename Elem>
-__device__ __forceinline__ void cp_async_16(Elem* smem, const Elem* gmem, bool valid) {
-  using V = cute::uint128_t;
-  SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<V>::copy(*reinterpret_cast<const V*>(gmem), *reinterpret_cast<V*>(smem),
-                                           valid);
-}
-
-__device__ __forceinline__ void cp_async_4(float* smem, const float* gmem, bool valid) {
-  SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(*reinterpret_cast<const uint32_t*>(gmem),
-                                                  *reinterpret_cast<uint32_t*>(smem), valid);
-}
-
 template <typename Elem_, int DK, bool kGla>
 __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__ ChunkParams p) {
   using Tr = Traits<Elem_, DK, kGla>;
@@ -199,29 +177,14 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   if (p.state_only && seg == final_seg) return;   // nobody starts after the last segment
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t H = p.H, DV = p.DV;
-  int64_t bos = int64_t(n) * p.T, len = p.T;
-  if (p.cu_seqlens != nullptr) {
-    bos = p.cu_seqlens[n];
-    len = p.cu_seqlens[n + 1] - bos;
-  }
-  // this block's positions: [seg_begin, min(len, seg_begin + seg_chunks * C))
-  const int64_t seg_begin = int64_t(seg) * p.seg_chunks * C;
-  const int64_t seg_len = p.num_segs == 1 ? len : min(len - seg_begin, int64_t(p.seg_chunks) * C);
-  const int num_chunks = seg_len > 0 ? int((seg_len + C - 1) / C) : 0;
+  const WalkSpan span = walk_span(p, n, seg);
+  const int64_t bos = span.bos, len = span.len, seg_begin = span.seg_begin;
+  const int num_chunks = span.num_chunks;
   const bool last_seg = seg == final_seg;
   // token (row of the [B*T, H, D] inputs) at processing position pos
   auto token = [&](int64_t pos) { return bos + (flip ? len - 1 - pos : pos); };
   // the chunk (in time order within the segment) walked c-th
   auto time_chunk = [&](int c) { return chunks_reversed ? num_chunks - 1 - c : c; };
-  // log gate applied to the state before position pos (see chunk.h for the reverse shift),
-  // not yet clamped: the clamp waits for the load, so it comes with the scan, a chunk later
-  auto raw_gate_at_token = [&](int64_t t) -> float {
-    return p.g != nullptr ? p.g[t * H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f);
-  };
-  auto raw_gate = [&](int64_t pos) -> float {
-    if (pos >= len || (p.reverse && pos == 0)) return 0.f;
-    return raw_gate_at_token(p.reverse ? bos + len - pos : bos + pos);
-  };
 
   const Elem* q = static_cast<const Elem*>(p.q) + h * DK;
   const Elem* k = static_cast<const Elem*>(p.k) + h * DK;
@@ -246,24 +209,6 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     CUTE_UNROLL
     for (int j = 0; j < C / kRowsA; ++j) smem_off_a[j] = typename Tr::LayoutA{}(ra0 + j * kRowsA, ca);
   }
-  // One thread's vectors of a chunk: rows r0 + j * kRows (j < C / kRows) at shared offsets
-  // soff[j], global rows `step` elements apart from base + off. Rows past the end are
-  // zero-filled (their source is the tensor's first row, never read); whole chunks skip the
-  // guards (a select and a predicate per vector).
-  auto copy_rows = [&](auto rows_c, Elem* s, const int* soff, const Elem* base, int64_t off, int64_t step, int r0,
-                       int rows_left) {
-    constexpr int kRows = decltype(rows_c)::value;
-    if (rows_left >= C) {
-      CUTE_UNROLL
-      for (int j = 0; j < C / kRows; ++j) cp_async_16(s + soff[j], base + off + j * step, true);
-    } else {
-      CUTE_UNROLL
-      for (int j = 0; j < C / kRows; ++j) {
-        const bool valid = r0 + j * kRows < rows_left;
-        cp_async_16(s + soff[j], base + (valid ? off + j * step : 0), valid);
-      }
-    }
-  };
   // GLA: the chunk's slot is its segment's first slot plus its chunk index in the segment
   // (the first slot is read once: chunk_offsets is a global load in front of the decay copy)
   const int64_t seg_slot0 = kGla ? (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
@@ -285,19 +230,19 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     const int rows_left = int(min(int64_t(C), len - pos0));
     const int64_t qk_off = token(pos0 + rq0) * H * DK + cq, qk_step = (flip ? -kRowsQK : kRowsQK) * H * DK;
     if (!p.state_only)   // the state needs k, v only
-      copy_rows(Int<kRowsQK>{}, q_buf + stage * Tr::kQK, smem_off_qk, q, qk_off, qk_step, rq0, rows_left);
-    copy_rows(Int<kRowsQK>{}, k_buf + stage * Tr::kQK, smem_off_qk, k, qk_off, qk_step, rq0, rows_left);
+      copy_chunk_rows<kRowsQK>(q_buf + stage * Tr::kQK, smem_off_qk, q, qk_off, qk_step, rq0, rows_left);
+    copy_chunk_rows<kRowsQK>(k_buf + stage * Tr::kQK, smem_off_qk, k, qk_off, qk_step, rq0, rows_left);
     const int64_t v_off = token(pos0 + rv0) * H * DV + cv, v_step = (flip ? -kRowsV : kRowsV) * H * DV;
-    copy_rows(Int<kRowsV>{}, v_buf + stage * Tr::kV, smem_off_v, v, v_off, v_step, rv0, rows_left);
+    copy_chunk_rows<kRowsV>(v_buf + stage * Tr::kV, smem_off_v, v, v_off, v_step, rv0, rows_left);
     if (p.dots != nullptr)   // the dot partner has v's layout
-      copy_rows(Int<kRowsV>{}, dot_buf + stage * Tr::kV, smem_off_v, other, v_off, v_step, rv0, rows_left);
+      copy_chunk_rows<kRowsV>(dot_buf + stage * Tr::kV, smem_off_v, other, v_off, v_step, rv0, rows_left);
     if (!kGla && p.o_row_div != nullptr && !p.state_only && tid < C) {   // the output rows' divisors (zeros past the end)
       const bool valid = tid < rows_left;
       cp_async_4(row_div_buf + stage * C + tid, p.o_row_div + (valid ? token(pos0 + tid) * H + h : 0), valid);
     }
     if constexpr (kGla) {
       if (!p.state_only && p.A != nullptr)
-        copy_rows(Int<kRowsA>{}, a_buf + stage * C * C, smem_off_a, static_cast<const Elem*>(p.A) + h * C,
+        copy_chunk_rows<kRowsA>(a_buf + stage * C * C, smem_off_a, static_cast<const Elem*>(p.A) + h * C,
                   token(pos0 + ra0) * H * C + ca, int64_t(kRowsA) * H * C, ra0, rows_left);
       // per key row, or the tile's columns (decay_cols); 16-byte vectors
       const float* decay = p.key_decay + (slot_of(c) * H + h) * decay_dim + (p.decay_cols ? tile * BV : 0);
@@ -311,28 +256,13 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   Elem* const alo_buf = dot_buf;
   auto load_alo = [&](int c) {
     const int64_t pos0 = seg_begin + int64_t(time_chunk(c)) * C;
-    copy_rows(Int<kRowsA>{}, alo_buf, smem_off_a, static_cast<const Elem*>(p.A_lo) + h * C,
+    copy_chunk_rows<kRowsA>(alo_buf, smem_off_a, static_cast<const Elem*>(p.A_lo) + h * C,
               token(pos0 + ra0) * H * C + ca, int64_t(kRowsA) * H * C, ra0, int(min(int64_t(C), len - pos0)));
   };
   // Warp 0 fetches a chunk's raw gates early and scans them late (latency hidden).
   float raw_gate0 = 0.f, raw_gate1 = 0.f;
-  auto fetch_gates = [&](int c) {
-    raw_gate0 = raw_gate(seg_begin + int64_t(c) * C + 2 * lane);
-    raw_gate1 = raw_gate(seg_begin + int64_t(c) * C + 2 * lane + 1);
-  };
-  auto scan_gates = [&](int stage) {   // running sums of the clamped gates in log2 units
-    raw_gate0 = fmaxf(raw_gate0, kMinLogGate) * kLog2e;
-    raw_gate1 = fmaxf(raw_gate1, kMinLogGate) * kLog2e;
-    const float pair = raw_gate0 + raw_gate1;
-    float incl = pair;
-    CUTE_UNROLL
-    for (int d = 1; d < 32; d *= 2) {
-      const float up = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += up;
-    }
-    g_buf[stage * C + 2 * lane] = incl - pair + raw_gate0;
-    g_buf[stage * C + 2 * lane + 1] = incl;
-  };
+  auto fetch_gates = [&](int c) { fetch_gate_pair(p, h, span, c, lane, raw_gate0, raw_gate1); };
+  auto scan_gates = [&](int stage) { scan_gate_pairs(raw_gate0, raw_gate1, lane, g_buf + stage * C); };
 
   typename Tr::TiledMma mma;
   auto thr_mma = mma.get_slice(tid);
@@ -392,16 +322,9 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     CUTE_STATIC_ASSERT_V(size(tOsQ) == size(accO));
     store_pairs(accO, tOsQ);
     __syncwarp();
-    Elem* o = static_cast<Elem*>(p.o) + h * DV + tile * BV;
-    CUTE_UNROLL
-    for (int j = 0; j < 16 * BV / 8 / 32; ++j) {
-      const int i = lane + 32 * j;
-      const int r = warp * 16 + i / (BV / 8), col = i % (BV / 8) * 8;
-      const int64_t pos = seg_begin + int64_t(c) * C + r;
-      if (pos < len)
-        *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
-            *reinterpret_cast<const cute::uint128_t*>(&sQ(r, col));
-    }
+    store_warp_rows<BV>(
+        static_cast<Elem*>(p.o) + h * DV + tile * BV, H * DV, [&](int r, int col) { return &sQ(r, col); }, warp, lane,
+        seg_begin + int64_t(c) * C, len, token);
   };
 
   // GLA state_dots: per column of the state, sum over rows of states_in[slot] * S. Each warp's
@@ -592,41 +515,15 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
     gate_sum += g_last;
 
     // V scaled by its decay to the chunk end, for the state update (read after the next barrier).
-    CUTE_UNROLL
-    for (int j = 0; j < C / kRowsV; ++j) {
-      const float w = exp2_ftz(g_last - G[rv0 + j * kRowsV]) * p.scale_update;
-      cute::array<Elem, 8> x;
-      *reinterpret_cast<cute::uint128_t*>(x.data()) =
-          *reinterpret_cast<const cute::uint128_t*>(v_buf + stage * Tr::kV + smem_off_v[j]);
-      CUTE_UNROLL
-      for (int e = 0; e < 8; ++e) x[e] = static_cast<Elem>(static_cast<float>(x[e]) * w);
-      *reinterpret_cast<cute::uint128_t*>(vs_buf + smem_off_v[j]) = *reinterpret_cast<const cute::uint128_t*>(x.data());
-    }
+    scale_rows_to_chunk_end<kRowsV>(v_buf + stage * Tr::kV, vs_buf, smem_off_v, G, rv0, p.scale_update);
 
     if (!p.state_only) {
     // P = (Q K^T) * D * scale_intra
       Tensor accS = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});      // (MMA, MMA_M, MMA_N)
       clear(accS);
       gemm_ss<Tr>(accS, sQ, sK, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
-      {
-        // element i of n-block nb sits at row r0 + 8 * h8, column c0 + 8 * nb + e; the decay
-        // goes through a select, not a branch (a branch per element cost a third of the walk)
-        const int r0 = get<0>(tScS(0)), c0 = get<1>(tScS(0));
-        const float g_row[2] = {G[r0], G[r0 + 8]};
-        CUTE_UNROLL
-        for (int nb = 0; nb < C / 8; ++nb) {
-          const float2 g_col = *reinterpret_cast<const float2*>(G + c0 + 8 * nb);
-          CUTE_UNROLL
-          for (int e = 0; e < 2; ++e) {
-            CUTE_UNROLL
-            for (int h8 = 0; h8 < 2; ++h8) {
-              const int i = nb * 4 + h8 * 2 + e;
-              const float x = accS(i) * exp2_ftz(g_row[h8] - (e ? g_col.y : g_col.x)) * p.scale_intra;
-              accS(i) = c0 + 8 * nb + e <= r0 + 8 * h8 ? x : 0.f;
-            }
-          }
-        }
-      }
+      decay_mask_scores(accS, G, get<0>(tScS(0)), get<1>(tScS(0)), p.scale_intra,
+                        [&](int i, float x) { accS(i) = x; });
       Tensor rP = make_tensor_like<Elem>(accS);
       CUTE_UNROLL
       for (int i = 0; i < size(accS); ++i) rP(i) = static_cast<Elem>(accS(i));
@@ -656,27 +553,9 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
           *reinterpret_cast<uint32_t*>(x.data()) = *reinterpret_cast<const uint32_t*>(&tOsD(i));
           part[(i / 2) % 2] += accO(i) * static_cast<float>(x[0]) + accO(i + 1) * static_cast<float>(x[1]);
         }
-        CUTE_UNROLL
-        for (int j = 0; j < 2; ++j) {
-          part[j] += __shfl_xor_sync(0xffffffffu, part[j], 1);
-          part[j] += __shfl_xor_sync(0xffffffffu, part[j], 2);
-        }
-        const int r0 = warp * 16 + lane / 4;
-        if (lane % 4 == 0) {
-          CUTE_UNROLL
-          for (int j = 0; j < 2; ++j) {
-            const int64_t pos = seg_begin + int64_t(c) * C + r0 + 8 * j;
-            if (pos < len) p.dots[(int64_t(tile) * p.B * p.T + token(pos)) * H + h] = part[j];
-          }
-        }
+        store_row_dots(p, part, lane, warp * 16 + lane / 4, seg_begin + int64_t(c) * C, len, tile, h, token);
       }
-      if (p.o_row_div != nullptr) {
-        const float* d = row_div_buf + stage * C;
-        const int r0 = get<0>(tOcO(0));
-        const float inv[2] = {1.f / d[r0], 1.f / d[r0 + 8]};
-        CUTE_UNROLL
-        for (int i = 0; i < size(accO); ++i) accO(i) *= inv[(i / 2) % 2];
-      }
+      if (p.o_row_div != nullptr) divide_rows(accO, row_div_buf + stage * C, get<0>(tOcO(0)));
       store_output(accO, sQ, c);
     }
     __syncthreads();                     // scaled v written; every warp is done with the state copy
@@ -720,7 +599,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   }
   if (p.ht != nullptr && last_seg) {
     // reverse: the first step's gate still applies (dL/dS_{-1} = exp(g_0) dL/dS_0)
-    const float a = (flip && len > 0) ? __expf(fmaxf(raw_gate_at_token(bos), kMinLogGate)) : 1.f;
+    const float a = (flip && len > 0) ? __expf(fmaxf(raw_gate_at_token(p, h, bos), kMinLogGate)) : 1.f;
     CUTE_UNROLL
     for (int i = 0; i < size(accH); ++i)
       p.ht[state_off + get<0>(tHcH(i)) * p.state_stride_k + get<1>(tHcH(i)) * p.state_stride_v] = accH(i) * a;

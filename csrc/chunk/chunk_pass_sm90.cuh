@@ -27,16 +27,20 @@
 #include "chunk/chunk.h"
 #include "chunk/chunk_kernel.cuh"
 #include "chunk/chunk_sm90.h"
+#include "chunk/chunk_walk.cuh"
 #include "common/cuda_check.h"
 
 namespace fla {
 namespace chunk_sm90 {
 
 using namespace cute;
-using chunk::cp_async_16;
+using chunk::copy_chunk_rows;
 using chunk::cp_async_4;
+using chunk::decay_mask_scores;
 using chunk::exp2_ftz;
-using chunk::kLog2e;
+using chunk::raw_gate_at_token;
+using chunk::scale_rows_to_chunk_end;
+using chunk::scan_gate_pairs;
 
 __device__ __forceinline__ void fence_view_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -99,6 +103,15 @@ __device__ __forceinline__ void fence_operand(T& frag) {
   for (int i = 0; i < size(frag); ++i) warpgroup_fence_operand(frag(i));
 }
 
+// acc (+)= A B issued as one wgmma group, not waited for.
+template <class Mma, class TA, class TB, class Acc>
+__device__ __forceinline__ void wgmma_issue(Mma& mma, TA const& tA, TB const& tB, Acc& acc, bool zero_init) {
+  fence_operand(acc);
+  warpgroup_arrive();
+  wgmma_k(mma, tA, tB, acc, zero_init);
+  warpgroup_commit_batch();
+}
+
 // Named barriers (0 is __syncthreads): the chunk's inputs are in (both warpgroups); X is
 // written (the state warpgroup arrives, the output warpgroup waits); the scaled v is written
 // (state warpgroup only).
@@ -138,23 +151,11 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
   const bool state_wg = threadIdx.x >= kWg;            // warpgroup 1: the state; 0: the output
   const int tid = threadIdx.x % kWg, warp = tid / 32, lane = tid % 32;
   const int64_t H = p.H, DV = p.DV;
-  int64_t bos = int64_t(n) * p.T, len = p.T;
-  if (p.cu_seqlens != nullptr) {
-    bos = p.cu_seqlens[n];
-    len = p.cu_seqlens[n + 1] - bos;
-  }
-  const int64_t seg_begin = int64_t(seg) * p.seg_chunks * C;
-  const int64_t seg_len = p.num_segs == 1 ? len : min(len - seg_begin, int64_t(p.seg_chunks) * C);
-  const int num_chunks = seg_len > 0 ? int((seg_len + C - 1) / C) : 0;
+  const chunk::WalkSpan span = chunk::walk_span(p, n, seg);
+  const int64_t bos = span.bos, len = span.len, seg_begin = span.seg_begin;
+  const int num_chunks = span.num_chunks;
   const int64_t tok0 = flip ? bos + len - 1 : bos, tok_step = flip ? -1 : 1;
   auto token = [&](int64_t pos) { return tok0 + tok_step * pos; };
-  auto raw_gate_at_token = [&](int64_t t) -> float {
-    return p.g != nullptr ? p.g[t * H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f);
-  };
-  auto raw_gate = [&](int64_t pos) -> float {   // the reverse shift of chunk.h
-    if (pos >= len || (p.reverse && pos == 0)) return 0.f;
-    return raw_gate_at_token(p.reverse ? bos + len - pos : bos + pos);
-  };
 
   // Loads: thread tid of a warpgroup moves 16-byte vectors at rows r0 + j * kRows of a chunk;
   // rows past the end are zero-filled from the tensor's first row (never read).
@@ -163,42 +164,13 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
   int smem_off_v[C / kRowsV];
   CUTE_UNROLL
   for (int j = 0; j < C / kRowsV; ++j) smem_off_v[j] = typename Tr::PlainV{}(rv0 + j * kRowsV, cv);
-  auto copy_rows = [&](auto rows_c, Elem* s, const int* soff, const Elem* base, int64_t off, int64_t step, int r0,
-                       int rows_left) {
-    constexpr int kRows = decltype(rows_c)::value;
-    if (rows_left >= C) {
-      CUTE_UNROLL
-      for (int j = 0; j < C / kRows; ++j) cp_async_16(s + soff[j], base + off + j * step, true);
-    } else {
-      CUTE_UNROLL
-      for (int j = 0; j < C / kRows; ++j) {
-        const bool valid = r0 + j * kRows < rows_left;
-        cp_async_16(s + soff[j], base + (valid ? off + j * step : 0), valid);
-      }
-    }
-  };
   const int64_t v_step = (flip ? -kRowsV : kRowsV) * H * DV;
   const Elem* v = static_cast<const Elem*>(p.v) + h * DV + tile * BV;
 
   // Warp 0 of the output warpgroup fetches a chunk's raw gates early and scans them late.
   float raw_gate0 = 0.f, raw_gate1 = 0.f;
-  auto fetch_gates = [&](int c) {
-    raw_gate0 = raw_gate(seg_begin + int64_t(c) * C + 2 * lane);
-    raw_gate1 = raw_gate(seg_begin + int64_t(c) * C + 2 * lane + 1);
-  };
-  auto scan_gates = [&](int stage) {   // running sums of the clamped gates in log2 units
-    raw_gate0 = fmaxf(raw_gate0, kMinLogGate) * kLog2e;
-    raw_gate1 = fmaxf(raw_gate1, kMinLogGate) * kLog2e;
-    const float pair = raw_gate0 + raw_gate1;
-    float incl = pair;
-    CUTE_UNROLL
-    for (int d = 1; d < 32; d *= 2) {
-      const float up = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += up;
-    }
-    g_buf[stage * C + 2 * lane] = incl - pair + raw_gate0;
-    g_buf[stage * C + 2 * lane + 1] = incl;
-  };
+  auto fetch_gates = [&](int c) { chunk::fetch_gate_pair(p, h, span, c, lane, raw_gate0, raw_gate1); };
+  auto scan_gates = [&](int stage) { scan_gate_pairs(raw_gate0, raw_gate1, lane, g_buf + stage * C); };
 
   typename Tr::MmaQK mma_qk;
   auto thr_qk = mma_qk.get_thread_slice(tid);
@@ -226,9 +198,9 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
       const int rows_left = int(min(int64_t(C), len - pos0));
       const int64_t qk_off = token(pos0 + rq0) * H * DK + cq;
       if (!p.state_only)   // the state needs k, v only
-        copy_rows(Int<kRowsQK>{}, q_buf + stage * Tr::kQK, smem_off_qk, q, qk_off, qk_step, rq0, rows_left);
-      copy_rows(Int<kRowsQK>{}, k_buf + stage * Tr::kQK, smem_off_qk, k, qk_off, qk_step, rq0, rows_left);
-      copy_rows(Int<kRowsV>{}, v_buf + stage * Tr::kV, smem_off_v, v, token(pos0 + rv0) * H * DV + cv, v_step, rv0,
+        copy_chunk_rows<kRowsQK>(q_buf + stage * Tr::kQK, smem_off_qk, q, qk_off, qk_step, rq0, rows_left);
+      copy_chunk_rows<kRowsQK>(k_buf + stage * Tr::kQK, smem_off_qk, k, qk_off, qk_step, rq0, rows_left);
+      copy_chunk_rows<kRowsV>(v_buf + stage * Tr::kV, smem_off_v, v, token(pos0 + rv0) * H * DV + cv, v_step, rv0,
                 rows_left);
     };
 
@@ -284,24 +256,12 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
         Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
         Tensor tXrQ = thr_qk.partition_fragment_A(sQ);                       // (MMA, 1, DK/16)
         Tensor tXrSt = thr_qk.partition_fragment_B(sSt);                     // (MMA, 1, DK/16)
-        fence_operand(accX);
-        warpgroup_arrive();
-        wgmma_k(mma_qk, tXrQ, tXrSt, accX, true);
-        warpgroup_commit_batch();
+        wgmma_issue(mma_qk, tXrQ, tXrSt, accX, true);
       }
       if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);   // while the tensor cores work
       cp_async_fence();
       // V scaled by its decay to the chunk end, for the state update
-      CUTE_UNROLL
-      for (int j = 0; j < C / kRowsV; ++j) {
-        const float w = exp2_ftz(g_last - G[rv0 + j * kRowsV]) * p.scale_update;
-        cute::array<Elem, 8> x;
-        *reinterpret_cast<cute::uint128_t*>(x.data()) =
-            *reinterpret_cast<const cute::uint128_t*>(v_buf + stage * Tr::kV + smem_off_v[j]);
-        CUTE_UNROLL
-        for (int e = 0; e < 8; ++e) x[e] = static_cast<Elem>(static_cast<float>(x[e]) * w);
-        *reinterpret_cast<cute::uint128_t*>(vs_buf + smem_off_v[j]) = *reinterpret_cast<const cute::uint128_t*>(x.data());
-      }
+      scale_rows_to_chunk_end<kRowsV>(v_buf + stage * Tr::kV, vs_buf, smem_off_v, G, rv0, p.scale_update);
       if (!p.state_only) {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
         warpgroup_wait<0>();
         fence_operand(accX);
@@ -321,10 +281,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
       Tensor sVst = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutVt{});                  // (BV, C)
       Tensor tHrVs = thr_su.partition_fragment_A(sVst);                      // (MMA, 1, C/16)
       Tensor tHrK = thr_su.partition_fragment_B(sKt);                        // (MMA, 1, C/16)
-      fence_operand(accH);
-      warpgroup_arrive();
-      wgmma_k(mma_su, tHrVs, tHrK, accH, false);
-      warpgroup_commit_batch();
+      wgmma_issue(mma_su, tHrVs, tHrK, accH, false);
       warpgroup_wait<0>();
       fence_operand(accH);
       if (!p.state_only) store_state_smem();   // read by the next chunk's X, after its barrier
@@ -339,7 +296,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
     }
     if (p.ht != nullptr && seg == p.num_segs - 1) {
       // reverse: the first step's gate still applies (dL/dS_{-1} = exp(g_0) dL/dS_0)
-      const float a = (flip && len > 0) ? __expf(fmaxf(raw_gate_at_token(bos), kMinLogGate)) : 1.f;
+      const float a = (flip && len > 0) ? __expf(fmaxf(raw_gate_at_token(p, h, bos), kMinLogGate)) : 1.f;
       CUTE_UNROLL
       for (int i = 0; i < size(accH); ++i)
         p.ht[state_off + state_at(i, p.state_stride_k, p.state_stride_v)] = accH(i) * a;
@@ -353,7 +310,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
       const int64_t pos0 = seg_begin + int64_t(c) * C;
       const int rows_left = int(min(int64_t(C), len - pos0));
       if (p.dots != nullptr)   // the dot partner has v's layout
-        copy_rows(Int<kRowsV>{}, dot_buf + stage * Tr::kV, smem_off_v, other, token(pos0 + rv0) * H * DV + cv, v_step,
+        copy_chunk_rows<kRowsV>(dot_buf + stage * Tr::kV, smem_off_v, other, token(pos0 + rv0) * H * DV + cv, v_step,
                   rv0, rows_left);
       if (p.o_row_div != nullptr && tid < C) {   // zeros past the end
         const bool valid = tid < rows_left;
@@ -371,16 +328,10 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
       for (int i = 0; i < size(accO); ++i) rO(i) = static_cast<Elem>(accO(i));
       copy(sts_o, sts_o_thr.retile_S(rO), sts_o_thr.partition_D(sO));
       __syncwarp();
-      Elem* o = static_cast<Elem*>(p.o) + h * DV + tile * BV;
-      CUTE_UNROLL
-      for (int j = 0; j < 16 * BV / 8 / 32; ++j) {
-        const int i = lane + 32 * j;
-        const int r = warp * 16 + i / (BV / 8), col = i % (BV / 8) * 8;
-        const int64_t pos = seg_begin + int64_t(c) * C + r;
-        if (pos < len)
-          *reinterpret_cast<cute::uint128_t*>(o + token(pos) * H * DV + col) =
-              *reinterpret_cast<const cute::uint128_t*>(so + typename Tr::PlainV{}(r, col));
-      }
+      chunk::store_warp_rows<BV>(
+          static_cast<Elem*>(p.o) + h * DV + tile * BV, H * DV,
+          [&](int r, int col) { return so + typename Tr::PlainV{}(r, col); }, warp, lane, seg_begin + int64_t(c) * C,
+          len, token);
     };
 
     if (num_chunks > 0) {
@@ -414,10 +365,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
         Tensor sK = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
         Tensor tSrQ = thr_qk.partition_fragment_A(sQ);                          // (MMA, 1, DK/16)
         Tensor tSrK = thr_qk.partition_fragment_B(sK);                          // (MMA, 1, DK/16)
-        fence_operand(accS);
-        warpgroup_arrive();
-        wgmma_k(mma_qk, tSrQ, tSrK, accS, true);
-        warpgroup_commit_batch();
+        wgmma_issue(mma_qk, tSrQ, tSrK, accS, true);
       }
       if (c + 1 < num_chunks) {   // while the tensor cores work
         load_chunk(c + 1, stage ^ 1);
@@ -429,28 +377,13 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
         Tensor sVt = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutVt{});   // (BV, C)
         warpgroup_wait<0>();
         fence_operand(accS);
-        // P = S_qk * D * scale_intra (a select, not a branch, per element)
+        // P = S_qk * D * scale_intra, in the accumulator layout read as the A operand
         Tensor rP = make_tensor<Elem>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<C / 16>>,
-                                             Stride<Stride<_1, _2, _4>, _0, _8>>{});   // A operand (MMA, 1, C/16)
-        const float g_row[2] = {G[r0], G[r0 + 8]};
-        CUTE_UNROLL
-        for (int nb = 0; nb < C / 8; ++nb) {
-          const float2 g_col = *reinterpret_cast<const float2*>(G + c0 + 8 * nb);
-          CUTE_UNROLL
-          for (int h8 = 0; h8 < 2; ++h8)
-            CUTE_UNROLL
-            for (int e = 0; e < 2; ++e) {
-              const int i = nb * 4 + h8 * 2 + e;
-              const float x = accS(i) * exp2_ftz(g_row[h8] - (e ? g_col.y : g_col.x)) * p.scale_intra;
-              rP(i) = static_cast<Elem>(c0 + 8 * nb + e <= r0 + 8 * h8 ? x : 0.f);
-            }
-        }
+                                             Stride<Stride<_1, _2, _4>, _0, _8>>{});   // (MMA, 1, C/16)
+        decay_mask_scores(accS, G, r0, c0, p.scale_intra, [&](int i, float x) { rP(i) = static_cast<Elem>(x); });
         Tensor accO = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) O
         Tensor tOrV = thr_pv.partition_fragment_B(sVt);                         // (MMA, 1, C/16)
-        fence_operand(accO);
-        warpgroup_arrive();
-        wgmma_k(mma_pv, rP, tOrV, accO, true);
-        warpgroup_commit_batch();
+        wgmma_issue(mma_pv, rP, tOrV, accO, true);
         warpgroup_wait<0>();
         fence_operand(accO);
         bar_sync(kBarX, 2 * kWg);          // X is in
@@ -472,25 +405,9 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
           float part[2] = {0.f, 0.f};
           CUTE_UNROLL
           for (int i = 0; i < size(accO); ++i) part[(i / 2) % 2] += accO(i) * static_cast<float>(rD(i));
-          CUTE_UNROLL
-          for (int j = 0; j < 2; ++j) {
-            part[j] += __shfl_xor_sync(0xffffffffu, part[j], 1);
-            part[j] += __shfl_xor_sync(0xffffffffu, part[j], 2);
-          }
-          if (lane % 4 == 0) {
-            CUTE_UNROLL
-            for (int j = 0; j < 2; ++j) {
-              const int64_t pos = seg_begin + int64_t(c) * C + r0 + 8 * j;
-              if (pos < len) p.dots[(int64_t(tile) * p.B * p.T + token(pos)) * H + h] = part[j];
-            }
-          }
+          chunk::store_row_dots(p, part, lane, r0, seg_begin + int64_t(c) * C, len, tile, h, token);
         }
-        if (p.o_row_div != nullptr) {
-          const float* d = div_buf + stage * C;
-          const float inv[2] = {1.f / d[r0], 1.f / d[r0 + 8]};
-          CUTE_UNROLL
-          for (int i = 0; i < size(accO); ++i) accO(i) *= inv[(i / 2) % 2];
-        }
+        if (p.o_row_div != nullptr) chunk::divide_rows(accO, div_buf + stage * C, r0);
         store_output(accO, q_buf + stage * Tr::kQK, c);
       }
       if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
