@@ -19,8 +19,10 @@
 // output warpgroup finishes. Accumulators have the m16n8 layout per warp (warp w of a
 // warpgroup owns rows 16w..16w+15), the same in both warpgroups, so X moves thread to
 // thread. The state copy and the output leave the registers by stmatrix. Shared tiles use
-// the 128-byte swizzle of the SM80 pass (checked equal to the GMMA canonical layouts): the
-// threads' cp.async address them with its plain layouts.
+// the 128-byte swizzle of the SM80 pass: its plain layouts and the GMMA canonical ones put
+// every element at the same byte (compared element by element on the host when this was
+// written; any mismatch would fail every GPU test), so the threads' cp.async keep the plain
+// offsets.
 #pragma once
 #include <cute/tensor.hpp>
 
