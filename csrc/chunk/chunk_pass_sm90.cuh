@@ -63,7 +63,6 @@ struct Traits {
   // the same bytes as plain swizzled offsets (row, column) for the threads
   using PlainQK = chunk::SmemTile<C, DK>;
   using PlainV = chunk::SmemTile<C, BV>;
-  using PlainSt = chunk::SmemTile<BV, DK>;
 
   using MmaQK = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Elem, Elem, float, Shape<Int<C>, Int<C>, Int<DK>>,
                                                                    GMMA::Major::K, GMMA::Major::K>()));
