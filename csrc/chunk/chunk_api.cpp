@@ -86,7 +86,9 @@ struct PassKernel {
 
 PassKernel pass_kernel(int64_t dk, int64_t dv, int device, bool gla) {
   const char* env = std::getenv("FLA_CUDA_CHUNK_SM90");
-  const bool sm90 = !gla && (dk == 64 || dk == 128) && dv % kChunkValueTileSm90 == 0 &&
+  const char* gla_env = std::getenv("FLA_CUDA_CHUNK_SM90_GLA");   // work in progress: opt-in
+  const bool gla_ok = !gla || (gla_env != nullptr && std::strcmp(gla_env, "1") == 0);
+  const bool sm90 = gla_ok && (dk == 64 || dk == 128) && dv % kChunkValueTileSm90 == 0 &&
                     !(env != nullptr && std::strcmp(env, "0") == 0) && device_is_sm90(device) &&
                     chunk_pass_sm90_built<__nv_bfloat16, 128>();
   return {sm90, sm90 ? kChunkValueTileSm90 : chunk_value_tile(static_cast<int>(dk))};
@@ -98,6 +100,9 @@ void launch_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) 
   FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
     if constexpr (std::is_same_v<Elem, float>) {
       STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
+    } else if (sm90 && kGla) {
+      if (p.DK == 64) run_chunk_pass_gla_sm90<Elem, 64>(p, stream);
+      else run_chunk_pass_gla_sm90<Elem, 128>(p, stream);
     } else if (sm90) {
       if (p.DK == 64) run_chunk_pass_sm90<Elem, 64>(p, stream);
       else run_chunk_pass_sm90<Elem, 128>(p, stream);
@@ -114,8 +119,9 @@ void launch_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) 
 
 // Thread blocks of a pass that fit one SM: 2 for the SM80 pass (shared memory); the wgmma
 // pass fits 2 without dots, 1 with them at DK = 128.
-int pass_blocks_per_sm(const ChunkParams& p, const Tensor& like, bool sm90) {
+int pass_blocks_per_sm(const ChunkParams& p, const Tensor& like, bool sm90, bool gla) {
   if (!sm90) return 2;
+  if (gla) return 1;   // 145 KB of shared memory at DK = 128
   int blocks = 1;
   FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
     if constexpr (!std::is_same_v<Elem, float>) {
@@ -154,7 +160,7 @@ void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
   const PassKernel kern = pass_kernel(p.DK, p.DV, like.get_device(), kGla);
   const int64_t blocks = p.DV / kern.value_tile * p.H * p.N;
   const int64_t chunks = (int64_t(p.T) + kChunk - 1) / kChunk;
-  const int64_t wave = sm_count(like.get_device()) * int64_t(pass_blocks_per_sm(p, like, kern.sm90));
+  const int64_t wave = sm_count(like.get_device()) * int64_t(pass_blocks_per_sm(p, like, kern.sm90, kGla));
   int64_t segs = 1;
   // the wgmma pass at one block per SM (B=4, T=4096, H=16, K=V=128: 128 walks) measured 0.180
   // ms unsplit, 0.185 ms split in two

@@ -14,6 +14,11 @@ constexpr int kChunkValueTileSm90 = 64;
 template <typename Elem, int DK>
 void run_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream);
 
+// GLA mode of the pass (chunk_pass_gla_sm90.cuh; work in progress, opt-in with
+// FLA_CUDA_CHUNK_SM90_GLA=1): same conditions, one block per SM.
+template <typename Elem, int DK>
+void run_chunk_pass_gla_sm90(const ChunkParams& p, cudaStream_t stream);
+
 // Whether this build has sm_90a code for the pass (queried once), and how many of its blocks
 // fit one SM (passes with dots keep the partner's two stages in shared memory).
 template <typename Elem, int DK>
