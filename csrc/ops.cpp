@@ -25,7 +25,8 @@ STABLE_TORCH_LIBRARY(fla_cuda, m) {
       "bool need_dg, bool need_dh0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)");
   m.def(
       "chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
-      "Tensor? chunk_offsets, float scale, bool output_final_state) -> (Tensor o, Tensor ht, Tensor q_gated, "
+      "Tensor? chunk_offsets, float scale, bool output_final_state, bool for_backward) -> (Tensor o, Tensor ht, "
+      "Tensor q_gated, "
       "Tensor k_gated, Tensor A, Tensor A_lo, Tensor key_decay)");
   m.def(
       "chunk_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "

@@ -26,8 +26,10 @@ def main():
     B, T, H, D = map(int, a.shape.split("x"))
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     gate = {}
-    if a.op == "chunk_simple_gla":   # the only op here that takes per-step gates
+    if a.op == "chunk_simple_gla":   # per-step head-wise gates
         gate["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda"))
+    elif a.op == "chunk_gla":   # per-step key-wise gates, the strength (/16)
+        gate["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device="cuda")) / 16
     leaves = [t.requires_grad_(a.bwd) for t in (q, k, v, *gate.values())]
     do = torch.randn_like(v)
     fn = getattr(fla_cuda, a.op)

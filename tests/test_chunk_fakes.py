@@ -27,7 +27,7 @@ def test_chunk_gla_fakes(packed, g_dtype):
         N = 3 if packed else B
         h0 = torch.empty(N, H, K, V, device="cuda")
         o, ht, q_gated, k_gated, A, A_lo, key_decay = torch.ops.fla_cuda.chunk_gla_fwd(
-            q, q, v, g, h0, cu, offsets, 0.1, True)
+            q, q, v, g, h0, cu, offsets, 0.1, True, True)
         chunks = (T + 63) // 64
         assert o.shape == v.shape and o.dtype == torch.bfloat16
         assert ht.shape == (N, H, K, V) and ht.dtype == torch.float32
@@ -42,3 +42,5 @@ def test_chunk_gla_fakes(packed, g_dtype):
         *_, dh0_none = torch.ops.fla_cuda.chunk_gla_bwd(
             q, q, v, g, None, cu, offsets, q_gated, k_gated, A, A_lo, key_decay, o, None, 0.1, False)
         assert dh0_none.numel() == 0
+        *_, A_lo_none, _ = torch.ops.fla_cuda.chunk_gla_fwd(q, q, v, g, h0, cu, offsets, 0.1, True, False)
+        assert A_lo_none.numel() == 0   # inference: no A_lo

@@ -263,9 +263,10 @@ def test_torch_compile_fullgraph_and_opcheck():
         oc, hc = torch.compile(f, fullgraph=True)(*args)
         oe, he = f(*args)
     assert torch.equal(oc, oe) and torch.equal(hc, he)
-    fwd_args = (x["q"], x["k"], x["v"], x["g"], x["h0"], None, None, 0.125, True)
-    torch.library.opcheck(torch.ops.fla_cuda.chunk_gla_fwd.default, fwd_args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    fwd_args = (x["q"], x["k"], x["v"], x["g"], x["h0"], None, None, 0.125, True, True)
+    for for_backward in (False, True):
+        torch.library.opcheck(torch.ops.fla_cuda.chunk_gla_fwd.default, fwd_args[:-1] + (for_backward,),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     _, ht, q_gated, k_gated, A, A_lo, key_decay = torch.ops.fla_cuda.chunk_gla_fwd(*fwd_args)
     torch.library.opcheck(torch.ops.fla_cuda.chunk_gla_bwd.default,
                           (x["q"], x["k"], x["v"], x["g"], x["h0"], None, None, q_gated, k_gated, A, A_lo, key_decay,
@@ -335,3 +336,17 @@ def test_long_sequence_backward_split_into_segments(H, divisor):
         print(f"d{n}: chunk kernels {e_ours:.3e}  recurrent kernel {e_rec:.3e}")
         assert torch.isfinite(o).all(), f"d{n} has non-finite values"
         assert e_ours <= max(DG_TOL if n == "g" else TOL[torch.bfloat16], 1.25 * e_rec), f"d{n}: {e_ours:.2e}"
+
+
+def test_inference_skips_A_lo_with_the_same_outputs():
+    """Without autograd the forward leaves A_lo out (only dv reads it); o and ht are unchanged."""
+    from fla_cuda.ops.gla_cuda import chunk_gla_cuda
+    x = make_inputs(2, 300, 2, 128, 128, torch.bfloat16)
+    args = [x[n] for n in ("q", "k", "v", "g")]
+    with torch.no_grad():
+        o0, h0 = chunk_gla_cuda(*args, scale=0.1, initial_state=x["h0"], output_final_state=True)
+    leaves = [t.clone().requires_grad_() for t in args]
+    o1, h1 = chunk_gla_cuda(*leaves, scale=0.1, initial_state=x["h0"], output_final_state=True)
+    assert torch.equal(o0, o1.detach()) and torch.equal(h0, h1.detach())
+    out = torch.ops.fla_cuda.chunk_gla_fwd(*(t.contiguous() for t in args), x["h0"], None, None, 0.1, True, False)
+    assert out[5].numel() == 0 and out[4].shape == (2, 300, 2, 64)

@@ -76,28 +76,30 @@ bool device_is_sm90(int device) {
   return sm90;
 }
 
-// Which kernel runs a pass: the scalar-gate pass goes to wgmma (chunk_sm90.h) on sm_90 for
-// DK in {64, 128}, unless FLA_CUDA_CHUNK_SM90=0 (the SM80 pass everywhere, for comparisons).
-// The value tile sets the grid and the number of dots tiles.
+// Which kernel runs a pass: on sm_90, for DK in {64, 128}, the wgmma pass (chunk_sm90.h; its
+// GLA mode for GLA), unless FLA_CUDA_CHUNK_SM90=0 (the SM80 pass everywhere, for comparisons).
+// The value tile sets the grid and the number of dots tiles. Decided once per pass (run_pass).
 struct PassKernel {
   bool sm90;
   int value_tile;
 };
 
-PassKernel pass_kernel(int64_t dk, int64_t dv, int device, bool gla) {
+PassKernel pass_kernel(int64_t dk, int64_t dv, int device) {
   const char* env = std::getenv("FLA_CUDA_CHUNK_SM90");
-  const bool sm90 = !gla && (dk == 64 || dk == 128) && dv % kChunkValueTileSm90 == 0 &&
+  const bool sm90 = (dk == 64 || dk == 128) && dv % kChunkValueTileSm90 == 0 &&
                     !(env != nullptr && std::strcmp(env, "0") == 0) && device_is_sm90(device) &&
                     chunk_pass_sm90_built<__nv_bfloat16, 128>();
   return {sm90, sm90 ? kChunkValueTileSm90 : chunk_value_tile(static_cast<int>(dk))};
 }
 
 template <bool kGla>
-void launch_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) {
-  const bool sm90 = pass_kernel(p.DK, p.DV, like.get_device(), kGla).sm90;
+void launch_pass(const ChunkParams& p, const Tensor& like, bool sm90, cudaStream_t stream) {
   FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
     if constexpr (std::is_same_v<Elem, float>) {
       STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
+    } else if (sm90 && kGla) {
+      if (p.DK == 64) run_chunk_pass_gla_sm90<Elem, 64>(p, stream);
+      else run_chunk_pass_gla_sm90<Elem, 128>(p, stream);
     } else if (sm90) {
       if (p.DK == 64) run_chunk_pass_sm90<Elem, 64>(p, stream);
       else run_chunk_pass_sm90<Elem, 128>(p, stream);
@@ -113,9 +115,11 @@ void launch_pass(const ChunkParams& p, const Tensor& like, cudaStream_t stream) 
 }
 
 // Thread blocks of a pass that fit one SM: 2 for the SM80 pass (shared memory); for the
-// wgmma pass the occupancy API says (1 at DK = 128: 256 threads of 210 registers; 2 at 64).
-int pass_blocks_per_sm(const ChunkParams& p, const Tensor& like, bool sm90) {
+// wgmma pass the occupancy API says (1 at DK = 128: 256 threads of 210 registers; 2 at 64);
+// its GLA mode takes 145 KB of shared memory at DK = 128 (two stages of q~, k~, v, A, A_lo).
+int pass_blocks_per_sm(const ChunkParams& p, const Tensor& like, bool sm90, bool gla) {
   if (!sm90) return 2;
+  if (gla) return 1;
   int blocks = 1;
   FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
     if constexpr (!std::is_same_v<Elem, float>) {
@@ -126,7 +130,7 @@ int pass_blocks_per_sm(const ChunkParams& p, const Tensor& like, bool sm90) {
   return std::max(blocks, 1);
 }
 
-int64_t value_tiles(int64_t dk, int64_t dv, int device) { return dv / pass_kernel(dk, dv, device, false).value_tile; }
+int64_t value_tiles(int64_t dk, int64_t dv, int device) { return dv / pass_kernel(dk, dv, device).value_tile; }
 
 // chunk_offsets [N + 1] int64 (first chunk slot of each packed sequence) comes with
 // cu_seqlens; returns the number of chunk slots of per-chunk grids: packed,
@@ -151,10 +155,10 @@ int64_t check_chunk_offsets(const Tensor& q, const std::optional<Tensor>& cu_seq
 // GLA mode (gla.h) splits the same way; its segment decays are per key row.
 template <bool kGla = false>
 void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
-  const PassKernel kern = pass_kernel(p.DK, p.DV, like.get_device(), kGla);
+  const PassKernel kern = pass_kernel(p.DK, p.DV, like.get_device());
   const int64_t blocks = p.DV / kern.value_tile * p.H * p.N;
   const int64_t chunks = (int64_t(p.T) + kChunk - 1) / kChunk;
-  const int64_t wave = sm_count(like.get_device()) * int64_t(pass_blocks_per_sm(p, like, kern.sm90));
+  const int64_t wave = sm_count(like.get_device()) * int64_t(pass_blocks_per_sm(p, like, kern.sm90, kGla));
   int64_t segs = 1;
   // the wgmma pass at one block per SM (B=4, T=4096, H=16, K=V=128: 128 walks) measured 0.180
   // ms unsplit, 0.185 ms split in two
@@ -162,7 +166,7 @@ void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
   if (p.cu_seqlens == nullptr && blocks > 0 && split)
     segs = std::min(wave / blocks, chunks / 2);
   if (segs < 2) {
-    launch_pass<kGla>(p, like, stream);
+    launch_pass<kGla>(p, like, kern.sm90, stream);
     return;
   }
   p.seg_chunks = static_cast<int>((chunks + segs - 1) / segs);
@@ -176,8 +180,8 @@ void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
   local.state_only = true;
   local.dots = nullptr;
   local.ht = nullptr;
-  launch_pass<kGla>(local, like, stream);
-  launch_pass<kGla>(p, like, stream);
+  launch_pass<kGla>(local, like, kern.sm90, stream);
+  launch_pass<kGla>(p, like, kern.sm90, stream);
 }
 
 }  // namespace
@@ -344,14 +348,15 @@ void gla_dtype_switch(const Tensor& q, Launch&& launch) {
 // GLA: gla_intra (gated q, k, scores, key decays), then the pass in GLA mode (gla.h).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
     Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens,
-    std::optional<Tensor> chunk_offsets, double scale, bool output_final_state) {
+    std::optional<Tensor> chunk_offsets, double scale, bool output_final_state, bool for_backward) {
   const Dims d = check_inputs(q, k, v, std::nullopt, std::nullopt, cu_seqlens);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   const int64_t slots = check_gla(q, g, cu_seqlens, chunk_offsets, d);
   Tensor q_gated = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
   Tensor k_gated = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
   Tensor A = torch::stable::new_empty(q, {d.B, d.T, d.H, int64_t(kChunk)});
-  Tensor A_lo = torch::stable::new_empty(q, {d.B, d.T, d.H, int64_t(kChunk)});
+  // A_lo: only the backward's dv reads it
+  Tensor A_lo = for_backward ? torch::stable::new_empty(q, {d.B, d.T, d.H, int64_t(kChunk)}) : torch::stable::new_empty(q, {0});
   Tensor key_decay = empty_f32(q, {slots, d.H, d.K});
   Tensor o = torch::stable::new_empty(q, {d.B, d.T, d.H, d.V});
   Tensor ht = output_final_state ? empty_f32(q, {d.N, d.H, d.K, d.V}) : nothing(q);
@@ -362,7 +367,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd
   ip.q_gated = q_gated.data_ptr();
   ip.k_gated = k_gated.data_ptr();
   ip.A = A.data_ptr();
-  ip.A_lo = A_lo.data_ptr();
+  ip.A_lo = for_backward ? A_lo.data_ptr() : nullptr;
   ip.key_decay = static_cast<float*>(key_decay.data_ptr());
 
   ChunkParams p = pass_params(q_gated, k_gated, v, o, nullptr, nullptr, cu_seqlens, d);

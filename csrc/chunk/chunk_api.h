@@ -34,9 +34,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
 // output_final_state), and what the backward reads (gla.h): q_gated, k_gated [B,T,H,K], A and
 // A_lo [B,T,H,64] (input dtype), key_decay [slots,H,K] fp32. g [B,T,H,K] log gates, fp32 or the
 // input dtype; chunk_offsets [N + 1] (first chunk of each packed sequence) with cu_seqlens.
+// Without for_backward (inference) A_lo is left out: an empty tensor.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd(
     Tensor q, Tensor k, Tensor v, Tensor g, std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens,
-    std::optional<Tensor> chunk_offsets, double scale, bool output_final_state);
+    std::optional<Tensor> chunk_offsets, double scale, bool output_final_state, bool for_backward);
 
 // Chunkwise GLA backward from the forward's intermediates: dq, dk, dv (input dtype), dg (g's
 // dtype; 0 where g < -1e4, which the kernels clamp), dh0 [N,H,K,V] fp32 (empty unless need_dh0).

@@ -1,6 +1,7 @@
-// Host interface of the scalar-gate chunk pass on Hopper wgmma (chunk_pass_sm90.cuh): the
-// same ChunkParams and math as run_chunk_pass (chunk.h) without GLA mode, for DK in {64, 128}
-// and DV a multiple of 64, on sm_90 devices of a build with sm_90a code.
+// Host interface of the chunk pass on Hopper wgmma: the same ChunkParams and math as
+// run_chunk_pass (chunk.h), for DK in {64, 128} and DV a multiple of 64, on sm_90 devices of
+// a build with sm_90a code; the scalar-gate mode in chunk_pass_sm90.cuh, GLA mode in
+// chunk_pass_gla_sm90.cuh.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -13,6 +14,10 @@ constexpr int kChunkValueTileSm90 = 64;
 
 template <typename Elem, int DK>
 void run_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream);
+
+// GLA mode of the pass (chunk_pass_gla_sm90.cuh): same conditions, one block per SM.
+template <typename Elem, int DK>
+void run_chunk_pass_gla_sm90(const ChunkParams& p, cudaStream_t stream);
 
 // Whether this build has sm_90a code for the pass (queried once), and how many of its blocks
 // fit one SM (passes with dots keep the partner's two stages in shared memory).

@@ -29,14 +29,15 @@ CHUNK = 64
 if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_gla_fwd"):
 
     @torch.library.register_fake("fla_cuda::chunk_gla_fwd")
-    def _fwd_fake(q, k, v, g, h0, cu_seqlens, offsets, scale, output_final_state):
+    def _fwd_fake(q, k, v, g, h0, cu_seqlens, offsets, scale, output_final_state, for_backward):
         o, ht = fwd_outputs_like(q, v, cu_seqlens, output_final_state)
         B, T, H, K = q.shape
         N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         chunks = (T + CHUNK - 1) // CHUNK
         slots = B * chunks if cu_seqlens is None else chunks + N
-        return (o, ht, torch.empty_like(q), torch.empty_like(q), q.new_empty(B, T, H, CHUNK),
-                q.new_empty(B, T, H, CHUNK), q.new_empty(slots, H, K, dtype=torch.float32))
+        A_lo = q.new_empty(B, T, H, CHUNK) if for_backward else q.new_empty(0)
+        return (o, ht, torch.empty_like(q), torch.empty_like(q), q.new_empty(B, T, H, CHUNK), A_lo,
+                q.new_empty(slots, H, K, dtype=torch.float32))
 
     @torch.library.register_fake("fla_cuda::chunk_gla_bwd")
     def _bwd_fake(q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, A_lo, key_decay, do, dht, scale,
@@ -47,7 +48,7 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_gla_fwd"):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), dh0
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, g, h0, cu_seqlens, offsets, scale, output_final_state = inputs
+        q, k, v, g, h0, cu_seqlens, offsets, scale, output_final_state, _for_backward = inputs
         # outputs without a gradient arrive as None, not as zero tensors autograd would fill
         ctx.set_materialize_grads(False)
         o, ht, q_gated, k_gated, A, A_lo, key_decay = output
@@ -65,7 +66,7 @@ if _extension.HAS_EXTENSION and hasattr(torch.ops.fla_cuda, "chunk_gla_fwd"):
         dq, dk, dv, dg, dh0 = torch.ops.fla_cuda.chunk_gla_bwd(
             q, k, v, g, h0, cu_seqlens, offsets, q_gated, k_gated, A, A_lo, key_decay, do.contiguous(),
             None if dht is None else dht.float().contiguous(), ctx.scale, need_dh0)
-        return dq, dk, dv, dg, (dh0 if need_dh0 else None), None, None, None, None
+        return dq, dk, dv, dg, (dh0 if need_dh0 else None), None, None, None, None, None
 
     torch.library.register_autograd("fla_cuda::chunk_gla_fwd", _backward, setup_context=_setup_context)
 
@@ -79,10 +80,13 @@ def chunk_gla_cuda(q, k, v, g, *, scale: float, initial_state=None, output_final
         cu_seqlens = cu_seqlens.long()
     if g.dtype not in (torch.float32, dtype):
         g = g.float()
+    # A_lo (the backward's dv) only when autograd will record this call
+    for_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, initial_state))
     o, ht, *_ = torch.ops.fla_cuda.chunk_gla_fwd(
         q.contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(), g.contiguous(),
         None if initial_state is None else initial_state.float().contiguous(),
         None if cu_seqlens is None else cu_seqlens.contiguous(),
         None if cu_seqlens is None else chunk_offsets(cu_seqlens),
-        float(scale), bool(output_final_state))
+        float(scale), bool(output_final_state), for_backward)
     return o, (ht if output_final_state else None)
