@@ -156,28 +156,17 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   auto col_of = [&](int u) { return int(get<1>(tCc(2 * u))); };
   const int gcol = tid % KS, ghalf = tid / KS, grow0 = ghalf * (C / 2);
   const int64_t row_stride = H * K, head_off = (t0 * H + h) * K;
-  auto pair_at = [](const Elem* base) {                      // two adjacent elements as floats
-    cute::array<Elem, 2> x;
-    *reinterpret_cast<uint32_t*>(x.data()) = *reinterpret_cast<const uint32_t*>(base);
-    return make_float2(static_cast<float>(x[0]), static_cast<float>(x[1]));
-  };
+  // pairs of adjacent elements as one register (packed conversions: pack_pair)
+  auto pair_at = [](const Elem* base) { return unpack_pair<Elem>(*reinterpret_cast<const uint32_t*>(base)); };
   auto g_at = [&](int r, int c) { return *reinterpret_cast<const float2*>(sG + r * LDG + c); };
   auto exp2_diff = [](float2 a, float2 b) { return make_float2(exp2_ftz(a.x - b.x), exp2_ftz(a.y - b.y)); };
   auto split_store = [](float2 x, auto& hi_t, auto& lo_t, int r, int c) {
-    cute::array<Elem, 2> hi, lo;
-    hi[0] = static_cast<Elem>(x.x);
-    hi[1] = static_cast<Elem>(x.y);
-    lo[0] = static_cast<Elem>(x.x - static_cast<float>(hi[0]));
-    lo[1] = static_cast<Elem>(x.y - static_cast<float>(hi[1]));
-    *reinterpret_cast<uint32_t*>(&hi_t(r, c)) = *reinterpret_cast<const uint32_t*>(hi.data());
-    *reinterpret_cast<uint32_t*>(&lo_t(r, c)) = *reinterpret_cast<const uint32_t*>(lo.data());
+    const uint32_t hi = pack_pair<Elem>(x.x, x.y);
+    const float2 h = unpack_pair<Elem>(hi);
+    *reinterpret_cast<uint32_t*>(&hi_t(r, c)) = hi;
+    *reinterpret_cast<uint32_t*>(&lo_t(r, c)) = pack_pair<Elem>(x.x - h.x, x.y - h.y);
   };
-  auto elem_pair = [](float a, float b) {
-    cute::array<Elem, 2> o;
-    o[0] = static_cast<Elem>(a);
-    o[1] = static_cast<Elem>(b);
-    return *reinterpret_cast<const uint32_t*>(o.data());
-  };
+  auto elem_pair = [](float a, float b) { return pack_pair<Elem>(a, b); };
   // acc *= 2^(G[r_new] - G[r_old]) column by column (<= 1: r_new after r_old)
   auto rescale = [&](auto& acc, int r_new, int r_old) {
     CUTE_UNROLL

@@ -1,13 +1,17 @@
 // gla_intra (math in gla.h): one thread block = one (chunk, head); 4 warps, warp w owns the
-// query sub-chunk w (rows 16w..16w+15). The key dim is walked in slices of 64 columns:
+// query sub-chunk w (rows 16w..16w+15) of the products. The key dim is walked in slices of
+// 64 columns:
 //
-//   gates, q, k of the slice (loaded one slice ahead, into registers) -> cumulative gates G
-//   (in log2 units) -> q~, k~ and exp(G_last) out -> folds: Q_f at each warp's row, K_f
-//   copies for warps 1..3, and the diagonal block's operands split into bf16 hi + lo parts
+//   gates, q, k of the slice into registers -> cumulative gates G (log2 units, in shared
+//   memory) -> per thread, from its registers (one row of each sub-chunk, 8 columns): q~, k~
+//   out, and the folds as 16-byte stores: Q_f at the row's sub-chunk start, the K_f copies of
+//   the later sub-chunks, and the diagonal block's operands split into bf16 hi + lo parts
 //   -> S_w += Q_f K_f^T (off-diagonal) and D_w += Qh Kh^T + Qh Kl^T + Ql Kh^T (diagonal,
 //   about 16 mantissa bits: fp32-grade, as FLA's elementwise diagonal) on tensor cores
 //
-// then A = scale * (S + D), zero above the diagonal, goes out through shared memory.
+// then A = scale * (S + D), zero above the diagonal, goes out through shared memory. No raw
+// q, k in shared memory and no loads a slice ahead: three blocks fit one SM (64 KB, <= 168
+// registers), and the other blocks cover each one's loads.
 #pragma once
 #include "chunk/chunk_kernel.cuh"
 #include "chunk/chunk_loc.cuh"
@@ -23,6 +27,27 @@ template <typename Elem> CUTE_HOST_DEVICE constexpr float max_fold_span2() {
   return std::is_same_v<Elem, cute::half_t> ? 8.f : 60.f * kLog2e;
 }
 
+
+// Two floats as a pair of Elem in one register (one cvt.rn.bf16x2 / f16x2 instead of two
+// scalar conversions), and back.
+template <typename Elem>
+__device__ __forceinline__ uint32_t pack_pair(float a, float b) {
+  if constexpr (std::is_same_v<Elem, cute::bfloat16_t>) {
+    const __nv_bfloat162 x = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&x);
+  } else {
+    const __half2 x = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&x);
+  }
+}
+template <typename Elem>
+__device__ __forceinline__ float2 unpack_pair(uint32_t x) {
+  if constexpr (std::is_same_v<Elem, cute::bfloat16_t>) {
+    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&x));
+  }
+}
 
 // Raw gates of rows row0..row0+R-1 of one column (zeros past `rows`), fp32 or Elem in memory.
 // Whole runs take the unguarded path: one add per load instead of a branch and an index.
@@ -86,13 +111,15 @@ struct IntraTraits {
   // K_f of warps 1..3 (rows 0..16w-1 folded at row 16w) overlap: warp w's copy starts at row
   // base(w) = 0, 16, 48 and only its first 16w rows are read unmasked (112 rows in all).
   static constexpr int kKfRows = 112;
-  // fp32: cumulative gates [C][KS], half totals [2][KS]; Elem: raw q, k [C][KS], Qh, Ql, Kh,
-  // Kl (C, KS), the K_f copies (kKfRows, KS)
-  static constexpr int kSmemBytes = (C * KS + 2 * KS) * 4 + (6 * C + kKfRows) * KS * int(sizeof(Elem));
+  static constexpr int kBlocksPerSm = 3;
+  // fp32: cumulative gates [C][KS], half totals [2][KS]; Elem: Qh, Ql, Kh, Kl (C, KS), the
+  // K_f copies (kKfRows, KS)
+  static constexpr int kSmemBytes = (C * KS + 2 * KS) * 4 + (4 * C + kKfRows) * KS * int(sizeof(Elem));
+  static_assert(kSmemBytes * kBlocksPerSm <= 227 * 1024, "three blocks per SM");
 };
 
 template <typename Elem_, int DK>
-__global__ void __launch_bounds__(128) gla_intra_kernel(const __grid_constant__ GlaIntraParams p) {
+__global__ void __launch_bounds__(128, 3) gla_intra_kernel(const __grid_constant__ GlaIntraParams p) {
   using Tr = IntraTraits<Elem_, DK>;
   using Elem = typename Tr::Elem;
   using Vec = cute::uint128_t;
@@ -102,9 +129,7 @@ __global__ void __launch_bounds__(128) gla_intra_kernel(const __grid_constant__ 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   float* const sG = reinterpret_cast<float*>(smem_raw);        // [C][KS] cumulative gates, log2 units
   float* const sTot = sG + C * KS;                             // [2][KS] gate totals of the two halves
-  Elem* const sQ = reinterpret_cast<Elem*>(sTot + 2 * KS);     // [C][KS] row-major
-  Elem* const sK = sQ + C * KS;                                // [C][KS] row-major
-  Elem* const sQh = sK + C * KS;                               // (C, KS) swizzled: Q_f, later A
+  Elem* const sQh = reinterpret_cast<Elem*>(sTot + 2 * KS);    // (C, KS) swizzled: Q_f, later A
   Elem* const sQl = sQh + C * KS;
   Elem* const sKh = sQl + C * KS;
   Elem* const sKl = sKh + C * KS;
@@ -163,93 +188,85 @@ __global__ void __launch_bounds__(128) gla_intra_kernel(const __grid_constant__ 
   const int kf_base = warp == 3 ? 48 : (warp == 2 ? 16 : 0);
   Tensor sKfW = make_tensor(make_smem_ptr(sKf + kf_base * KS), typename Tr::LayoutF{});  // (C, KS), rows < r_ref read
 
-  load_slice(0);
   for (int col0 = 0; col0 < DK; col0 += KS) {
-    // 1. raw q, k to shared memory; cumulative gates (log2 units) of each half-column in registers
-    CUTE_UNROLL
-    for (int m = 0; m < kVecs; ++m) {
-      const int u = tid + kThreads * m, r = u / (KS / 8), cc = u % (KS / 8) * 8;
-      *reinterpret_cast<Vec*>(sQ + r * KS + cc) = rq[m];
-      *reinterpret_cast<Vec*>(sK + r * KS + cc) = rk[m];
-    }
-    const bool exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, KS, ghalf, gcol, grow0);   // and: q, k visible
+    // 1. the slice's q, k and gates into registers; cumulative gates (log2 units) to sG
+    load_slice(col0);
+    const bool exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, KS, ghalf, gcol, grow0);   // and: G visible
     any_exact |= exact;
 
-    // 2. gated q and k for the pass, and exp(G_last) of the slice
+    // 2. per row of this thread (row r of sub-chunk m, columns cc..cc+7): q~ and k~ out; the
+    // folds at the sub-chunk's first row r_m: Q_f (hi + lo), the diagonal block's K (hi + lo,
+    // grows as 2^(G_m - G_r): bounded unless `exact`), and K_f at each later sub-chunk's
+    // first row (<= 1) for the warps that own those query rows
     {
       Elem* q_gated = static_cast<Elem*>(p.q_gated) + head_off + col0;
       Elem* k_gated = static_cast<Elem*>(p.k_gated) + head_off + col0;
+      auto g8 = [&](int r, int cc, float (&g)[8]) {
+        *reinterpret_cast<float4*>(g) = *reinterpret_cast<const float4*>(sG + r * KS + cc);
+        *reinterpret_cast<float4*>(g + 4) = *reinterpret_cast<const float4*>(sG + r * KS + cc + 4);
+      };
+      // 8 products x * 2^(e) to the input type, 16 bytes to `hi_dst`; with `lo_dst`, what that
+      // rounding dropped as well
+      auto fold8 = [&](const float (&x)[8], const float (&e)[8], Elem* hi_dst, Elem* lo_dst) {
+        uint32_t hi[4], lo[4];
+        CUTE_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          const float f0 = x[2 * j] * exp2_ftz(e[2 * j]), f1 = x[2 * j + 1] * exp2_ftz(e[2 * j + 1]);
+          hi[j] = pack_pair<Elem>(f0, f1);
+          if (lo_dst != nullptr) {
+            const float2 r = unpack_pair<Elem>(hi[j]);
+            lo[j] = pack_pair<Elem>(f0 - r.x, f1 - r.y);
+          }
+        }
+        *reinterpret_cast<uint4*>(hi_dst) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+        if (lo_dst != nullptr) *reinterpret_cast<uint4*>(lo_dst) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      };
+      auto unpack8 = [&](const Vec& v, float (&x)[8]) {
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(&v);
+        CUTE_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = unpack_pair<Elem>(w[j]);
+          x[2 * j] = f.x;
+          x[2 * j + 1] = f.y;
+        }
+      };
+      float gl[8];
+      g8(C - 1, tid % (KS / 8) * 8, gl);
       CUTE_UNROLL
       for (int m = 0; m < kVecs; ++m) {
-        const int u = tid + kThreads * m, r = u / (KS / 8), cc = u % (KS / 8) * 8;
+        const int u = tid + kThreads * m, r = u / (KS / 8), cc = u % (KS / 8) * 8;   // r / S == m
+        static_assert(kThreads / (KS / 8) == S, "one row of every sub-chunk per thread");
+        float xq[8], xk[8], gr[8], gm[8], e[8];
+        unpack8(rq[m], xq);
+        unpack8(rk[m], xk);
+        g8(r, cc, gr);
+        g8(m * S, cc, gm);
         if (r < rows) {
-          cute::array<Elem, 8> xq, xk;
-          *reinterpret_cast<Vec*>(xq.data()) = rq[m];
-          *reinterpret_cast<Vec*>(xk.data()) = rk[m];
-          float gr[8], gl[8];
-          *reinterpret_cast<float4*>(gr) = *reinterpret_cast<const float4*>(sG + r * KS + cc);
-          *reinterpret_cast<float4*>(gr + 4) = *reinterpret_cast<const float4*>(sG + r * KS + cc + 4);
-          *reinterpret_cast<float4*>(gl) = *reinterpret_cast<const float4*>(sG + (C - 1) * KS + cc);
-          *reinterpret_cast<float4*>(gl + 4) = *reinterpret_cast<const float4*>(sG + (C - 1) * KS + cc + 4);
+          fold8(xq, gr, q_gated + r * row_stride + cc, nullptr);
           CUTE_UNROLL
-          for (int e = 0; e < 8; ++e) {
-            xq[e] = static_cast<Elem>(static_cast<float>(xq[e]) * exp2_ftz(gr[e]));
-            xk[e] = static_cast<Elem>(static_cast<float>(xk[e]) * exp2_ftz(gl[e] - gr[e]));
-          }
-          *reinterpret_cast<Vec*>(q_gated + r * row_stride + cc) = *reinterpret_cast<const Vec*>(xq.data());
-          *reinterpret_cast<Vec*>(k_gated + r * row_stride + cc) = *reinterpret_cast<const Vec*>(xk.data());
+          for (int i = 0; i < 8; ++i) e[i] = gl[i] - gr[i];
+          fold8(xk, e, k_gated + r * row_stride + cc, nullptr);
+        }
+        CUTE_UNROLL
+        for (int i = 0; i < 8; ++i) e[i] = gr[i] - gm[i];
+        fold8(xq, e, &sQhT(r, cc), &sQlT(r, cc));
+        if (!exact) {
+          CUTE_UNROLL
+          for (int i = 0; i < 8; ++i) e[i] = gm[i] - gr[i];
+          fold8(xk, e, &sKhT(r, cc), &sKlT(r, cc));
+        }
+        CUTE_UNROLL
+        for (int a = m + 1; a < 4; ++a) {   // K_f copy of warp a: key row r at physical row base(a) + r
+          constexpr int kBase[4] = {0, 0, 16, 48};
+          g8(a * S, cc, gm);
+          CUTE_UNROLL
+          for (int i = 0; i < 8; ++i) e[i] = gm[i] - gr[i];
+          fold8(xk, e, &sKfAll(kBase[a] + r, cc), nullptr);
         }
       }
       if (tid < KS) p.key_decay[(int64_t(slot) * H + h) * DK + col0 + tid] = exp2_ftz(sG[(C - 1) * KS + tid]);
     }
-
-    // 3. folds. This warp's rows at its reference row: Q as hi + lo (hi is the off-diagonal
-    // operand Q_f) and K as hi + lo (diagonal block); then the K_f copies of warps 1..3.
-    {
-      const int cc = 2 * lane;
-      auto split_store = [&](float a, float b, Tensor<ViewEngine<smem_ptr<Elem*>>, typename Tr::LayoutF>& hi_t,
-                             Tensor<ViewEngine<smem_ptr<Elem*>>, typename Tr::LayoutF>& lo_t, int r) {
-        cute::array<Elem, 2> hi, lo;
-        hi[0] = static_cast<Elem>(a);
-        hi[1] = static_cast<Elem>(b);
-        lo[0] = static_cast<Elem>(a - static_cast<float>(hi[0]));
-        lo[1] = static_cast<Elem>(b - static_cast<float>(hi[1]));
-        *reinterpret_cast<uint32_t*>(&hi_t(r, cc)) = *reinterpret_cast<const uint32_t*>(hi.data());
-        *reinterpret_cast<uint32_t*>(&lo_t(r, cc)) = *reinterpret_cast<const uint32_t*>(lo.data());
-      };
-      const float2 g_ref = *reinterpret_cast<const float2*>(sG + r_ref * KS + cc);
-      CUTE_UNROLL
-      for (int i = r_ref; i < r_ref + S; ++i) {
-        const float2 gi = *reinterpret_cast<const float2*>(sG + i * KS + cc);
-        cute::array<Elem, 2> xq, xk;
-        *reinterpret_cast<uint32_t*>(xq.data()) = *reinterpret_cast<const uint32_t*>(sQ + i * KS + cc);
-        *reinterpret_cast<uint32_t*>(xk.data()) = *reinterpret_cast<const uint32_t*>(sK + i * KS + cc);
-        const float eq0 = exp2_ftz(gi.x - g_ref.x), eq1 = exp2_ftz(gi.y - g_ref.y);
-        split_store(static_cast<float>(xq[0]) * eq0, static_cast<float>(xq[1]) * eq1, sQhT, sQlT, i);
-        // K of the diagonal block grows as 2^(G_ref - G_i) (bounded unless `exact`)
-        split_store(static_cast<float>(xk[0]) * exp2_ftz(g_ref.x - gi.x),
-                    static_cast<float>(xk[1]) * exp2_ftz(g_ref.y - gi.y), sKhT, sKlT, i);
-      }
-      // K_f copy of warp w: key rows j < 16 w at physical row base(w) + j; this thread takes
-      // rows warp + 4 m' and the column pair of its lane
-      CUTE_UNROLL
-      for (int w = 1; w < 4; ++w) {
-        constexpr int kBase[4] = {0, 0, 16, 48};
-        const float2 gr = *reinterpret_cast<const float2*>(sG + w * S * KS + cc);
-        CUTE_UNROLL
-        for (int m = 0; m < 4 * w; ++m) {
-          const int j = warp + 4 * m;
-          const float2 gj = *reinterpret_cast<const float2*>(sG + j * KS + cc);
-          cute::array<Elem, 2> x;
-          *reinterpret_cast<uint32_t*>(x.data()) = *reinterpret_cast<const uint32_t*>(sK + j * KS + cc);
-          x[0] = static_cast<Elem>(static_cast<float>(x[0]) * exp2_ftz(gr.x - gj.x));
-          x[1] = static_cast<Elem>(static_cast<float>(x[1]) * exp2_ftz(gr.y - gj.y));
-          *reinterpret_cast<uint32_t*>(&sKfAll(kBase[w] + j, cc)) = *reinterpret_cast<const uint32_t*>(x.data());
-        }
-      }
-    }
     __syncthreads();                             // every fold is visible
-    if (col0 + KS < DK) load_slice(col0 + KS);   // the next slice's loads fly during the products
 
     // 4. tensor cores: off-diagonal blocks (warp 0 has none), then the diagonal block
     if (warp > 0) gemm_ss<Tr>(accS, sQhT, sKfW, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
@@ -257,14 +274,18 @@ __global__ void __launch_bounds__(128) gla_intra_kernel(const __grid_constant__ 
       gemm_ss<Tr>(accD, sQhT, sKhW, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
       gemm_ss<Tr>(accD, sQhT, sKlW, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
       gemm_ss<Tr>(accD, sQlT, sKhW, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
-    } else {   // pair by pair in fp32: 2^(G_i - G_j) <= 1 for j <= i
+    } else {   // pair by pair in fp32: 2^(G_i - G_j) <= 1 for j <= i; raw q, k from global
+               // memory (L1 / L2: just read), rows past the sequence as zeros
       const int ri = r_ref + di;
+      const Elem* q = static_cast<const Elem*>(p.q) + head_off + col0;
+      const Elem* k = static_cast<const Elem*>(p.k) + head_off + col0;
       for (int e = 0; e < KS; ++e) {
-        const float qv = static_cast<float>(sQ[ri * KS + e]), gi = sG[ri * KS + e];
+        const float qv = ri < rows ? static_cast<float>(q[ri * row_stride + e]) : 0.f, gi = sG[ri * KS + e];
         CUTE_UNROLL
         for (int jj = 0; jj < 8; ++jj) {
           const int rj = r_ref + dj0 + jj;   // pairs above the diagonal are dropped later
-          acc_x[jj] += qv * static_cast<float>(sK[rj * KS + e]) * exp2_ftz(fminf(gi - sG[rj * KS + e], 0.f));
+          const float kv = rj < rows ? static_cast<float>(k[rj * row_stride + e]) : 0.f;
+          acc_x[jj] += qv * kv * exp2_ftz(fminf(gi - sG[rj * KS + e], 0.f));
         }
       }
     }
