@@ -77,7 +77,58 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   const int64_t t0 = loc.bos + loc.c * C;
   const int rows = int(min(int64_t(C), loc.len - loc.c * C));   // rows past it: zeros, gates 0
   constexpr int kVecs = C * KS / 8 / kThreads;
+  const int gcol = tid % KS, ghalf = tid / KS, grow0 = ghalf * (C / 2);
+  const int64_t row_stride = H * K, head_off = (t0 * H + h) * K;
 
+  // A slice's raw q, k (into sQ, sK) and gates (staged in the fold tiles' space, past step 1's
+  // dO and V tiles) by cp.async, a step ahead: during dA for the first slice, during the
+  // previous slice's dg for the others. Rows past the chunk are zero-filled.
+  const int kGateStage = 2 * C * KS;   // elements of sFold
+  static_assert(2 * C * KS * 2 + C * KS * 4 <= Tr::kFoldRows * KS * 2, "dO, V and fp32 gates fit the fold tiles");
+  auto prefetch_slice = [&](int col0) {
+    // the thread's offsets recomputed per call: hoisted out of the slice loop, they held ~20
+    // registers through it and made ptxas spill
+    int t = tid;
+    asm volatile("" : "+r"(t));
+    const Elem* q = static_cast<const Elem*>(p.q) + head_off + col0;
+    const Elem* k = static_cast<const Elem*>(p.k) + head_off + col0;
+    CUTE_UNROLL
+    for (int m = 0; m < kVecs; ++m) {
+      const int u = t + kThreads * m, r = u / (KS / 8), c8 = u % (KS / 8) * 8;
+      const bool valid = r < rows;
+      const int64_t off = valid ? r * row_stride + c8 : 0;
+      cp_async_16(sQ + r * LDQ + c8, q + off, valid);
+      cp_async_16(sK + r * LDQ + c8, k + off, valid);
+    }
+    if (p.g_fp32) {
+      float* stage = reinterpret_cast<float*>(sFold + kGateStage);
+      const float* g = static_cast<const float*>(p.g) + head_off + col0;
+      CUTE_UNROLL
+      for (int m = 0; m < 2 * kVecs; ++m) {
+        const int u = t + kThreads * m, r = u / (KS / 4), c4 = u % (KS / 4) * 4;
+        const bool valid = r < rows;
+        cp_async_16(stage + r * KS + c4, g + (valid ? r * row_stride + c4 : 0), valid);
+      }
+    } else {
+      Elem* stage = sFold + kGateStage;
+      const Elem* g = static_cast<const Elem*>(p.g) + head_off + col0;
+      CUTE_UNROLL
+      for (int m = 0; m < kVecs; ++m) {
+        const int u = t + kThreads * m, r = u / (KS / 8), c8 = u % (KS / 8) * 8;
+        const bool valid = r < rows;
+        cp_async_16(stage + r * KS + c8, g + (valid ? r * row_stride + c8 : 0), valid);
+      }
+    }
+    cp_async_fence();
+  };
+  // this thread's raw gates (column gcol, rows grow0..) from the staged slice
+  auto staged_gates = [&](float (&rg)[C / 2]) {
+    CUTE_UNROLL
+    for (int i = 0; i < C / 2; ++i)
+      rg[i] = p.g_fp32 ? reinterpret_cast<const float*>(sFold + kGateStage)[(grow0 + i) * KS + gcol]
+                       : static_cast<float>(sFold[kGateStage + (grow0 + i) * KS + gcol]);
+  };
+  prefetch_slice(0);
 
   typename Tr::TiledMma mma;
   auto thr_mma = mma.get_slice(tid);
@@ -154,8 +205,6 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   static_assert(kPairs == 16, "m16n8 accumulators: 8 n-blocks x 2 rows");
   auto row_of = [&](int u) { return int(get<0>(tCc(2 * u))); };
   auto col_of = [&](int u) { return int(get<1>(tCc(2 * u))); };
-  const int gcol = tid % KS, ghalf = tid / KS, grow0 = ghalf * (C / 2);
-  const int64_t row_stride = H * K, head_off = (t0 * H + h) * K;
   // pairs of adjacent elements as one register (packed conversions: pack_pair)
   auto pair_at = [](const Elem* base) { return unpack_pair<Elem>(*reinterpret_cast<const uint32_t*>(base)); };
   auto g_at = [&](int r, int c) { return *reinterpret_cast<const float2*>(sG + r * LDG + c); };
@@ -191,29 +240,20 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   };
 
   for (int col0 = 0; col0 < K; col0 += KS) {
-    // gates and raw q, k of the slice; `exact`: some sub-chunk decays too strongly to fold
+    // gates and raw q, k of the slice (prefetched); `exact`: some sub-chunk decays too strongly
+    // to fold
     bool exact;
     {
+      cp_async_wait<0>();
+      __syncthreads();
       float rg[C / 2];
-      load_gate_rows<Elem>(rg, p.g, p.g_fp32, head_off + col0 + gcol, row_stride, grow0, rows);
-      const Elem* q = static_cast<const Elem*>(p.q) + head_off + col0;
-      const Elem* k = static_cast<const Elem*>(p.k) + head_off + col0;
-      CUTE_UNROLL
-      for (int m = 0; m < kVecs; ++m) {
-        const int u = tid + kThreads * m, r = u / (KS / 8), c8 = u % (KS / 8) * 8;
-        Vec a{}, b{};
-        if (r < rows) {
-          a = *reinterpret_cast<const Vec*>(q + r * row_stride + c8);
-          b = *reinterpret_cast<const Vec*>(k + r * row_stride + c8);
-        }
-        *reinterpret_cast<Vec*>(sQ + r * LDQ + c8) = a;
-        *reinterpret_cast<Vec*>(sK + r * LDQ + c8) = b;
-      }
+      staged_gates(rg);
       uint32_t clamped = 0;   // rows (of this half) whose gate the scan clamps: dg is 0 there
       CUTE_UNROLL
       for (int i = 0; i < C / 2; ++i) clamped |= uint32_t(rg[i] < kMinLogGate) << i;
       sClamp[ghalf * KS + gcol] = clamped;
-      exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, LDG, ghalf, gcol, grow0);   // and: q, k visible
+      exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, LDG, ghalf, gcol, grow0);   // (its barriers: the
+                                                                                  // staged gates are read)
     }
 
     // the rest of the slice, compiled twice: the rare `exact` variant stays out of the hot
@@ -359,7 +399,8 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
           *reinterpret_cast<float2*>(sWE + warp * KS + col_of(u)) = kdi[u / 2];
         }
       }
-      __syncthreads();
+      __syncthreads();   // q, k, the folds and the staging space are free: the next slice's loads
+      if (col0 + KS < K) prefetch_slice(col0 + KS);
       const int half = r_w / (C / 2);
       CUTE_UNROLL
       for (int u = 0; u < kPairs; u += 2) {
