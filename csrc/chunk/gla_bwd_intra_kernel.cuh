@@ -17,6 +17,9 @@
 //      The epilogue adds the gated inter-chunk parts P, R and runs in the accumulator layout.
 //   3. dg = (q dq - k dk summed to the chunk's end) + exp(G_last) state_dots of the chunk
 //      + (k dk_inter summed over the chunk), 0 where the gate was clamped (gla.h)
+//
+// Inputs arrive by cp.async a step ahead: the dO, V slices of step 1 double-buffered, the
+// first K-slice's q, k and gates during step 1, each next one during the previous slice's dg.
 #pragma once
 #include "chunk/gla_intra_kernel.cuh"
 
@@ -45,7 +48,6 @@ struct BwdIntraTraits {
   static constexpr int kElems = 2 * C * LDQ + 2 * C * C + kFoldRows * KS;
   static constexpr int kFloats = C * LDG + 2 * KS + 8 * KS + 2 * KS;
   static constexpr int kSmemBytes = kElems * int(sizeof(Elem)) + kFloats * 4;
-  static_assert(kFoldRows >= 2 * C, "dO, V slices alias the fold tiles");
   static_assert(kSmemBytes <= 113 * 1024, "two blocks per SM");
 };
 
@@ -67,8 +69,6 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   float* const sWT = sTot + 2 * KS;                          // [4][KS] per-warp sums of d
   float* const sWE = sWT + 4 * KS;                           // [4][KS] per-warp sums of k dk_inter
   uint32_t* const sClamp = reinterpret_cast<uint32_t*>(sWE + 4 * KS);   // [2][KS] clamped-row bits
-  Elem* const sDO = sFold;                                   // step 1 only: (C, KS) dO, V slices
-  Elem* const sV = sDO + C * KS;
 
   const int slot = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t H = p.H, K = p.K, V = p.V;
@@ -84,7 +84,6 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   // dO and V tiles) by cp.async, a step ahead: during dA for the first slice, during the
   // previous slice's dg for the others. Rows past the chunk are zero-filled.
   const int kGateStage = 2 * C * KS;   // elements of sFold
-  static_assert(2 * C * KS * 2 + C * KS * 4 <= Tr::kFoldRows * KS * 2, "dO, V and fp32 gates fit the fold tiles");
   auto prefetch_slice = [&](int col0) {
     // the thread's offsets recomputed per call: hoisted out of the slice loop, they held ~20
     // registers through it and made ptxas spill
@@ -128,6 +127,28 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       rg[i] = p.g_fp32 ? reinterpret_cast<const float*>(sFold + kGateStage)[(grow0 + i) * KS + gcol]
                        : static_cast<float>(sFold[kGateStage + (grow0 + i) * KS + gcol]);
   };
+  // dO and V slices of step 1, double-buffered in the fold tiles' space: 0 and 32 KB (the first
+  // K-slice's gates are staged between them)
+  auto dv_stage = [&](int i) { return sFold + (i % 2 ? 4 * C * KS : 0); };
+  static_assert(6 * C * KS <= Tr::kFoldRows * KS, "two dO, V stages and the gates fit the fold tiles");
+  auto prefetch_dv = [&](int i) {
+    int t = tid;
+    asm volatile("" : "+r"(t));
+    Tensor sDOt = make_tensor(make_smem_ptr(dv_stage(i)), typename Tr::LayoutF{});          // (C, KS)
+    Tensor sVt = make_tensor(make_smem_ptr(dv_stage(i) + C * KS), typename Tr::LayoutF{});  // (C, KS)
+    const Elem* dO = static_cast<const Elem*>(p.dout) + (t0 * H + h) * V + i * KS;
+    const Elem* v = static_cast<const Elem*>(p.v) + (t0 * H + h) * V + i * KS;
+    CUTE_UNROLL
+    for (int m = 0; m < kVecs; ++m) {
+      const int u = t + kThreads * m, r = u / (KS / 8), c8 = u % (KS / 8) * 8;
+      const bool valid = r < rows;
+      const int64_t off = valid ? r * H * V + c8 : 0;
+      cp_async_16(&sDOt(r, c8), dO + off, valid);
+      cp_async_16(&sVt(r, c8), v + off, valid);
+    }
+    cp_async_fence();
+  };
+  prefetch_dv(0);
   prefetch_slice(0);
 
   typename Tr::TiledMma mma;
@@ -137,23 +158,21 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   Tensor accA = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});        // (MMA, MMA_M, MMA_N)
   clear(accA);
   {
-    Tensor sDOt = make_tensor(make_smem_ptr(sDO), typename Tr::LayoutF{});   // (C, KS)
-    Tensor sVt = make_tensor(make_smem_ptr(sV), typename Tr::LayoutF{});     // (C, KS)
-    const Elem* dO = static_cast<const Elem*>(p.dout) + (t0 * H + h) * V;
-    const Elem* v = static_cast<const Elem*>(p.v) + (t0 * H + h) * V;
-    for (int col0 = 0; col0 < V; col0 += KS) {
-      CUTE_UNROLL
-      for (int m = 0; m < kVecs; ++m) {
-        const int u = tid + kThreads * m, r = u / (KS / 8), c8 = u % (KS / 8) * 8;
-        Vec a{}, b{};
-        if (r < rows) {
-          a = *reinterpret_cast<const Vec*>(dO + r * H * V + col0 + c8);
-          b = *reinterpret_cast<const Vec*>(v + r * H * V + col0 + c8);
-        }
-        *reinterpret_cast<Vec*>(&sDOt(r, c8)) = a;
-        *reinterpret_cast<Vec*>(&sVt(r, c8)) = b;
+    const int n_slices = V / KS;
+    for (int i = 0; i < n_slices; ++i) {
+      if (i + 1 < n_slices) prefetch_dv(i + 1);
+      // dO, V of slice i in: the groups issued after it (the first K-slice's q, k, gates after
+      // slice 0; the next dO, V slice) may stay in flight
+      if (i + 1 < n_slices) {
+        if (i == 0) cp_async_wait<2>();
+        else cp_async_wait<1>();
+      } else {
+        if (i == 0) cp_async_wait<1>();
+        else cp_async_wait<0>();
       }
       __syncthreads();
+      Tensor sDOt = make_tensor(make_smem_ptr(dv_stage(i)), typename Tr::LayoutF{});          // (C, KS)
+      Tensor sVt = make_tensor(make_smem_ptr(dv_stage(i) + C * KS), typename Tr::LayoutF{});  // (C, KS)
       gemm_ss<Tr>(accA, sDOt, sVt, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
       __syncthreads();
     }
