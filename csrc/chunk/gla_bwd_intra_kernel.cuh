@@ -99,6 +99,14 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       cp_async_16(sQ + r * LDQ + c8, q + off, valid);
       cp_async_16(sK + r * LDQ + c8, k + off, valid);
     }
+    {   // the slice's P and R rows into L2: the epilogues' register loads then wait on L2
+      const int r = t / 2, line = t % 2;   // 64 rows x two 128-byte lines of fp32
+      if (r < rows) {
+        const int64_t off = head_off + col0 + r * row_stride + line * 32;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.dq_inter + off));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.dk_inter + off));
+      }
+    }
     if (p.g_fp32) {
       float* stage = reinterpret_cast<float*>(sFold + kGateStage);
       const float* g = static_cast<const float*>(p.g) + head_off + col0;
