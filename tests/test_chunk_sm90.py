@@ -9,50 +9,23 @@ import pytest
 import torch
 
 from tests.test_chunk_cuda import TOL, make_inputs, run_pair
-from tests.utils import err_ratio, make_cu_seqlens
+from tests.utils import (assert_no_worse_than_sm80, cuda_kernel_names, make_cu_seqlens, sm90_or_skip,
+                         wgmma_and_sm80)
 
 pytestmark = pytest.mark.gpu
-
-
-def _sm90_or_skip():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma pass runs on sm_90 only")
-
-
-def _both(x, monkeypatch, **kw):
-    monkeypatch.delenv("FLA_CUDA_CHUNK_SM90", raising=False)
-    new, ref = run_pair(x, **kw)
-    monkeypatch.setenv("FLA_CUDA_CHUNK_SM90", "0")
-    old, _ = run_pair(x, **kw)
-    monkeypatch.delenv("FLA_CUDA_CHUNK_SM90")
-    return new, old, ref
-
-
-def _compare(new, old, ref, dtype=torch.bfloat16):
-    for n in ref:
-        e_new, e_old = err_ratio(ref[n], new[n]), err_ratio(ref[n], old[n])
-        assert torch.isfinite(new[n]).all(), n
-        assert e_new <= 1.25 * e_old + 0.05 * TOL[dtype], f"{n}: wgmma pass {e_new:.3e}, SM80 pass {e_old:.3e}"
-
-
-def _kernels_run(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
 def test_env_selects_the_kernel(monkeypatch):
     """The comparisons below mean something only if FLA_CUDA_CHUNK_SM90 switches kernels (the
     two can agree bit for bit: without gates both sum the same bf16 products in the same order)."""
-    _sm90_or_skip()
+    sm90_or_skip()
     x = make_inputs(1, 200, 2, 128, 128, torch.bfloat16, "g")
     monkeypatch.delenv("FLA_CUDA_CHUNK_SM90", raising=False)
-    names = _kernels_run(lambda: run_pair(x))
+    names = cuda_kernel_names(lambda: run_pair(x))
     assert any("chunk_pass_sm90_kernel" in n for n in names), names
     assert not any("chunk_pass_kernel" in n for n in names), names
     monkeypatch.setenv("FLA_CUDA_CHUNK_SM90", "0")
-    names = _kernels_run(lambda: run_pair(x))
+    names = cuda_kernel_names(lambda: run_pair(x))
     assert not any("chunk_pass_sm90_kernel" in n for n in names), names
     assert any("chunk_pass_kernel" in n for n in names), names
 
@@ -60,43 +33,44 @@ def test_env_selects_the_kernel(monkeypatch):
 @pytest.mark.parametrize("gate", ["g", "g_gamma", None])
 @pytest.mark.parametrize("T", [1, 63, 500, 2049])
 def test_gates_and_lengths(gate, T, monkeypatch):
-    _sm90_or_skip()
+    sm90_or_skip()
     x = make_inputs(2, T, 3, 128, 128, torch.bfloat16, gate)
-    _compare(*_both(x, monkeypatch))
+    assert_no_worse_than_sm80(*wgmma_and_sm80(run_pair, x, monkeypatch), 0.05 * TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("K,V", [(64, 64), (128, 64), (64, 128), (128, 256), (256, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_head_dims_and_dtypes(K, V, dtype, monkeypatch):
     """K=256 keeps the SM80 pass for the forward and the dv pass; V=256 for the dq, dk passes."""
-    _sm90_or_skip()
+    sm90_or_skip()
     x = make_inputs(2, 300, 2, K, V, dtype, "g")
-    _compare(*_both(x, monkeypatch), dtype=dtype)
+    assert_no_worse_than_sm80(*wgmma_and_sm80(run_pair, x, monkeypatch), 0.05 * TOL[dtype])
 
 
 @pytest.mark.parametrize("T", [4100, 20000])
 def test_split_walk(T, monkeypatch):
     """B=1, few heads: segments walked in parallel after a state-only launch."""
-    _sm90_or_skip()
+    sm90_or_skip()
     x = make_inputs(1, T, 2, 128, 128, torch.bfloat16, "g")
-    _compare(*_both(x, monkeypatch))
+    assert_no_worse_than_sm80(*wgmma_and_sm80(run_pair, x, monkeypatch), 0.05 * TOL[torch.bfloat16])
 
 
 def test_wide_batch(monkeypatch):
-    _sm90_or_skip()
+    sm90_or_skip()
     x = make_inputs(4, 700, 40, 128, 128, torch.bfloat16, "g")
-    _compare(*_both(x, monkeypatch))
+    assert_no_worse_than_sm80(*wgmma_and_sm80(run_pair, x, monkeypatch), 0.05 * TOL[torch.bfloat16])
 
 
 def test_varlen_with_empty_sequence(monkeypatch):
-    _sm90_or_skip()
+    sm90_or_skip()
     lengths = [1, 130, 0, 64, 257, 1000]
     x = make_inputs(1, sum(lengths), 3, 64, 128, torch.bfloat16, "g", N=len(lengths))
-    _compare(*_both(x, monkeypatch, cu_seqlens=make_cu_seqlens(lengths, device="cuda")))
+    cu = make_cu_seqlens(lengths, device="cuda")
+    assert_no_worse_than_sm80(*wgmma_and_sm80(run_pair, x, monkeypatch, cu_seqlens=cu), 0.05 * TOL[torch.bfloat16])
 
 
 def test_deterministic():
-    _sm90_or_skip()
+    sm90_or_skip()
     x = make_inputs(1, 3000, 2, 128, 128, torch.bfloat16, "g")
     a, _ = run_pair(x)
     b, _ = run_pair(x)

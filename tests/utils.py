@@ -75,3 +75,38 @@ def fake_recurrent_kernel(monkeypatch, op: str) -> list[dict]:
     monkeypatch.setitem(sys.modules, "fla_cuda.ops.recurrent_cuda", mod)
     monkeypatch.setattr(backend, "use_cuda", lambda name, *a: name == op)
     return calls
+
+
+# --- the wgmma chunk pass against the SM80 pass (tests/test_chunk_sm90.py, test_gla_sm90.py)
+
+def sm90_or_skip():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        import pytest
+        pytest.skip("the wgmma pass runs on sm_90 only")
+
+
+def wgmma_and_sm80(run_pair, x, monkeypatch, **kw):
+    """(wgmma pass, SM80 pass, fp64 reference) results of run_pair on the same inputs:
+    FLA_CUDA_CHUNK_SM90=0 selects the SM80 pass."""
+    monkeypatch.delenv("FLA_CUDA_CHUNK_SM90", raising=False)
+    new, ref = run_pair(x, **kw)
+    monkeypatch.setenv("FLA_CUDA_CHUNK_SM90", "0")
+    old, _ = run_pair(x, **kw)
+    monkeypatch.delenv("FLA_CUDA_CHUNK_SM90")
+    return new, old, ref
+
+
+def assert_no_worse_than_sm80(new, old, ref, floor: float) -> None:
+    """Every output of the wgmma pass finite and within 1.25x the SM80 pass's error (+ floor)."""
+    for n in ref:
+        e_new, e_old = err_ratio(ref[n], new[n]), err_ratio(ref[n], old[n])
+        assert torch.isfinite(new[n]).all(), n
+        assert e_new <= 1.25 * e_old + floor, f"{n}: wgmma pass {e_new:.3e}, SM80 pass {e_old:.3e}"
+
+
+def cuda_kernel_names(fn) -> set:
+    """Names of the CUDA kernels fn launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}

@@ -48,8 +48,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
   constexpr int C = Tr::C, BV = Tr::BV, kWg = 128;
 
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & (Tr::kAlign - 1);
-  Elem* const smem = reinterpret_cast<Elem*>(smem_raw + ((Tr::kAlign - misalign) & (Tr::kAlign - 1)));
+  Elem* const smem = aligned_smem<Elem, Tr::kAlign>(smem_raw);
   Elem* const q_buf = smem + Tr::kOffQ;       // [2][C*DK]
   Elem* const k_buf = smem + Tr::kOffK;       // [2][C*DK]
   Elem* const v_buf = smem + Tr::kOffV;       // [2][C*BV]
@@ -180,11 +179,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
           float part[2] = {0.f, 0.f};   // the thread's rows v = r0 and r0 + 8 of S^T
           CUTE_UNROLL
           for (int i = 0; i < size(accH); ++i) part[(i / 2) % 2] += hin[state_at(i, DV, 1)] * accH(i);
-          CUTE_UNROLL
-          for (int j = 0; j < 2; ++j) {
-            part[j] += __shfl_xor_sync(0xffffffffu, part[j], 1);
-            part[j] += __shfl_xor_sync(0xffffffffu, part[j], 2);
-          }
+          chunk::sum_over_quad(part);
           if (lane % 4 == 0) {
             CUTE_UNROLL
             for (int j = 0; j < 2; ++j) p.state_dots[(slot * H + h) * DV + tile * BV + get<0>(tHcH(2 * j))] = part[j];

@@ -124,6 +124,14 @@ __device__ __forceinline__ void bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// The dynamic shared memory from a kAlign-byte boundary, as an offset from the shared array (a
+// rounded integer address would lose the shared state space: generic loads and stores).
+template <typename Elem, int kAlign>
+__device__ __forceinline__ Elem* aligned_smem(unsigned char* smem_raw) {
+  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & (kAlign - 1);
+  return reinterpret_cast<Elem*>(smem_raw + ((kAlign - misalign) & (kAlign - 1)));
+}
+
 template <typename Elem_, int DK>
 __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_constant__ ChunkParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -132,10 +140,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_co
   constexpr int C = Tr::C, BV = Tr::BV, kWg = 128;
 
   extern __shared__ unsigned char smem_raw[];
-  // aligned by an offset from the shared array (a rounded integer address would lose the
-  // shared state space: generic loads and stores)
-  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & (Tr::kAlign - 1);
-  Elem* const smem = reinterpret_cast<Elem*>(smem_raw + ((Tr::kAlign - misalign) & (Tr::kAlign - 1)));
+  Elem* const smem = aligned_smem<Elem, Tr::kAlign>(smem_raw);
   Elem* const q_buf = smem + Tr::kOffQ;     // [2][C*DK]
   Elem* const k_buf = smem + Tr::kOffK;     // [2][C*DK]
   Elem* const v_buf = smem + Tr::kOffV;     // [2][C*BV]

@@ -148,16 +148,22 @@ __device__ __forceinline__ void decay_mask_scores(Acc const& acc, const float* G
   }
 }
 
-// dg's per-row dot products: part[j] of row r0 + 8 j summed over the four lanes that hold the
-// row, stored by its first lane at dots[tile, token(pos0 + row), h] (rows inside the sequence).
-template <class Token>
-__device__ __forceinline__ void store_row_dots(const ChunkParams& p, float (&part)[2], int lane, int r0, int64_t pos0,
-                                               int64_t len, int tile, int h, Token&& token) {
+// Partial sums of an m16n8 accumulator's two rows (r0, r0 + 8) summed over the quad of lanes
+// that holds them: every lane of the quad gets the totals.
+__device__ __forceinline__ void sum_over_quad(float (&part)[2]) {
   CUTE_UNROLL
   for (int j = 0; j < 2; ++j) {
     part[j] += __shfl_xor_sync(0xffffffffu, part[j], 1);
     part[j] += __shfl_xor_sync(0xffffffffu, part[j], 2);
   }
+}
+
+// dg's per-row dot products: part[j] of row r0 + 8 j summed over the four lanes that hold the
+// row, stored by its first lane at dots[tile, token(pos0 + row), h] (rows inside the sequence).
+template <class Token>
+__device__ __forceinline__ void store_row_dots(const ChunkParams& p, float (&part)[2], int lane, int r0, int64_t pos0,
+                                               int64_t len, int tile, int h, Token&& token) {
+  sum_over_quad(part);
   if (lane % 4 == 0) {
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
