@@ -356,7 +356,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd
   Tensor k_gated = torch::stable::new_empty(q, {d.B, d.T, d.H, d.K});
   Tensor A = torch::stable::new_empty(q, {d.B, d.T, d.H, int64_t(kChunk)});
   // A_lo: only the backward's dv reads it
-  Tensor A_lo = for_backward ? torch::stable::new_empty(q, {d.B, d.T, d.H, int64_t(kChunk)}) : torch::stable::new_empty(q, {0});
+  Tensor A_lo = for_backward ? torch::stable::new_empty(q, {d.B, d.T, d.H, int64_t(kChunk)})
+                             : torch::stable::new_empty(q, {0});
   Tensor key_decay = empty_f32(q, {slots, d.H, d.K});
   Tensor o = torch::stable::new_empty(q, {d.B, d.T, d.H, d.V});
   Tensor ht = output_final_state ? empty_f32(q, {d.N, d.H, d.K, d.V}) : nothing(q);

@@ -137,6 +137,27 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RA const& tCrA, TB const& sB, 
   }
 }
 
+// Two floats as a pair of Elem in one register (one cvt.rn.bf16x2 / f16x2 instead of two
+// scalar conversions), and back.
+template <typename Elem>
+__device__ __forceinline__ uint32_t pack_pair(float a, float b) {
+  if constexpr (std::is_same_v<Elem, cute::bfloat16_t>) {
+    const __nv_bfloat162 x = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&x);
+  } else {
+    const __half2 x = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&x);
+  }
+}
+template <typename Elem>
+__device__ __forceinline__ float2 unpack_pair(uint32_t x) {
+  if constexpr (std::is_same_v<Elem, cute::bfloat16_t>) {
+    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&x));
+  }
+}
+
 // Accumulator -> shared memory in the input dtype: values 2j, 2j+1 are adjacent columns
 // (contiguous in every tile layout here), so each pair is one 32-bit store.
 template <class Acc, class Dst>

@@ -28,27 +28,6 @@ template <typename Elem> CUTE_HOST_DEVICE constexpr float max_fold_span2() {
 }
 
 
-// Two floats as a pair of Elem in one register (one cvt.rn.bf16x2 / f16x2 instead of two
-// scalar conversions), and back.
-template <typename Elem>
-__device__ __forceinline__ uint32_t pack_pair(float a, float b) {
-  if constexpr (std::is_same_v<Elem, cute::bfloat16_t>) {
-    const __nv_bfloat162 x = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&x);
-  } else {
-    const __half2 x = __floats2half2_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&x);
-  }
-}
-template <typename Elem>
-__device__ __forceinline__ float2 unpack_pair(uint32_t x) {
-  if constexpr (std::is_same_v<Elem, cute::bfloat16_t>) {
-    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
-  } else {
-    return __half22float2(*reinterpret_cast<const __half2*>(&x));
-  }
-}
-
 // Raw gates of rows row0..row0+R-1 of one column (zeros past `rows`), fp32 or Elem in memory.
 // Whole runs take the unguarded path: one add per load instead of a branch and an index.
 template <int R, typename T>
@@ -119,7 +98,7 @@ struct IntraTraits {
 };
 
 template <typename Elem_, int DK>
-__global__ void __launch_bounds__(128, 3) gla_intra_kernel(const __grid_constant__ GlaIntraParams p) {
+__global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla_intra_kernel(const __grid_constant__ GlaIntraParams p) {
   using Tr = IntraTraits<Elem_, DK>;
   using Elem = typename Tr::Elem;
   using Vec = cute::uint128_t;
