@@ -44,6 +44,18 @@ CUTE_HOST_DEVICE constexpr auto smem_atom() {
 }
 template <int Rows, int Cols>
 using SmemTile = decltype(tile_to_shape(smem_atom<Cols>(), Shape<Int<Rows>, Int<Cols>>{}));
+// Element offset of (r, c) in a SmemTile<Rows, 64>, for per-element accesses at run-time
+// coordinates: rows of 64 elements, the 16-byte groups XOR-ed with the row's low 3 bits.
+// CuTe's layout arithmetic takes signed divisions there (7% of gla_bwd_intra's instructions).
+CUTE_HOST_DEVICE constexpr int tile64_offset(int r, int c) { return r * 64 + (c ^ ((r & 7) << 3)); }
+template <int Rows>
+constexpr bool tile64_offset_matches() {
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < 64; ++c)
+      if (SmemTile<Rows, 64>{}(r, c) != tile64_offset(r, c)) return false;
+  return true;
+}
+static_assert(tile64_offset_matches<64>(), "tile64_offset is SmemTile<64, 64>'s layout");
 // (Cols, Rows) view of a (Rows, Cols) tile: operands that must be read transposed.
 template <int Rows, int Cols>
 using SmemTileT = decltype(composition(SmemTile<Rows, Cols>{},

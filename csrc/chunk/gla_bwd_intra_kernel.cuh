@@ -205,17 +205,21 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   // dA(i, j) in fp32 (hi + lo), for the pair-by-pair diagonal
   auto dA_at = [&](int i, int j) { return static_cast<float>(tAh(i, j)) + static_cast<float>(tAl(i, j)); };
 
-  // 2. slices of K. Fold tiles as (C, KS) views whose row j is the fold of row j.
-  auto fold_tile = [&](int row0) { return make_tensor(make_smem_ptr(sFold + row0 * KS), typename Tr::LayoutF{}); };
-  auto fold_tile_t = [&](int row0) { return make_tensor(make_smem_ptr(sFold + row0 * KS), typename Tr::LayoutFt{}); };
-  auto sKeh = fold_tile(Tr::kKe), sKel = fold_tile(Tr::kKe + Tr::kKeRows);
-  auto sKdh = fold_tile(Tr::kKd), sKdl = fold_tile(Tr::kKd + C);
-  auto sQsh = fold_tile(Tr::kQs - S), sQsl = fold_tile(Tr::kQs + Tr::kQsRows - S);   // rows from S on
-  auto sQdh = fold_tile(Tr::kQd), sQdl = fold_tile(Tr::kQd + C);
-  auto sKehT = fold_tile_t(Tr::kKe), sKelT = fold_tile_t(Tr::kKe + Tr::kKeRows);     // (KS, C)
-  auto sKdhT = fold_tile_t(Tr::kKd), sKdlT = fold_tile_t(Tr::kKd + C);
-  auto sQshT = fold_tile_t(Tr::kQs - S), sQslT = fold_tile_t(Tr::kQs + Tr::kQsRows - S);
-  auto sQdhT = fold_tile_t(Tr::kQd), sQdlT = fold_tile_t(Tr::kQd + C);
+  // 2. slices of K. Fold tiles, (C, KS) with row j the fold of row j: base pointers for the
+  // per-element stores (at tile64_offset: no CuTe coordinate arithmetic in the per-element
+  // code) and (KS, C) views, the products' B operands. The Q^ tiles start at row S.
+  static_assert(std::is_same_v<typename Tr::LayoutF, SmemTile<C, 64>>, "tile64_offset");
+  Elem* const pKeh = sFold + Tr::kKe * KS;
+  Elem* const pKel = sFold + (Tr::kKe + Tr::kKeRows) * KS;
+  Elem* const pKdh = sFold + Tr::kKd * KS;
+  Elem* const pKdl = sFold + (Tr::kKd + C) * KS;
+  Elem* const pQsh = sFold + (Tr::kQs - S) * KS;
+  Elem* const pQsl = sFold + (Tr::kQs + Tr::kQsRows - S) * KS;
+  Elem* const pQdh = sFold + Tr::kQd * KS;
+  Elem* const pQdl = sFold + (Tr::kQd + C) * KS;
+  auto fold_t = [](Elem* base) { return make_tensor(make_smem_ptr(base), typename Tr::LayoutFt{}); };
+  auto sKehT = fold_t(pKeh), sKelT = fold_t(pKel), sKdhT = fold_t(pKdh), sKdlT = fold_t(pKdl);   // (KS, C)
+  auto sQshT = fold_t(pQsh), sQslT = fold_t(pQsl), sQdhT = fold_t(pQdh), sQdlT = fold_t(pQdl);
   // three products of one k16 block: (Ah + Al)(Fh + Fl) less Al Fl
   auto mma3 = [&](auto& acc, auto const& ah, auto const& al, auto const& fh, auto const& fl, auto copy_a, int kb_lo,
                   int kb_hi) {
@@ -236,11 +240,12 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   auto pair_at = [](const Elem* base) { return unpack_pair<Elem>(*reinterpret_cast<const uint32_t*>(base)); };
   auto g_at = [&](int r, int c) { return *reinterpret_cast<const float2*>(sG + r * LDG + c); };
   auto exp2_diff = [](float2 a, float2 b) { return make_float2(exp2_ftz(a.x - b.x), exp2_ftz(a.y - b.y)); };
-  auto split_store = [](float2 x, auto& hi_t, auto& lo_t, int r, int c) {
+  // x (columns c, c + 1 of a fold row) as hi + lo parts, at element offset `off` of two tiles
+  auto split_store = [](float2 x, Elem* hi_t, Elem* lo_t, int off) {
     const uint32_t hi = pack_pair<Elem>(x.x, x.y);
     const float2 h = unpack_pair<Elem>(hi);
-    *reinterpret_cast<uint32_t*>(&hi_t(r, c)) = hi;
-    *reinterpret_cast<uint32_t*>(&lo_t(r, c)) = pack_pair<Elem>(x.x - h.x, x.y - h.y);
+    *reinterpret_cast<uint32_t*>(hi_t + off) = hi;
+    *reinterpret_cast<uint32_t*>(lo_t + off) = pack_pair<Elem>(x.x - h.x, x.y - h.y);
   };
   auto elem_pair = [](float a, float b) { return pack_pair<Elem>(a, b); };
   // acc *= 2^(G[r_new] - G[r_old]) column by column (<= 1: r_new after r_old)
@@ -255,14 +260,14 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
     }
   };
   // this warp's 16 rows of a staged (C, KS) tile out to global rows of `dst` (16-byte stores)
-  auto copy_rows_out = [&](auto const& tile, void* dst, int64_t off0) {
+  auto copy_rows_out = [&](const Elem* tile, void* dst, int64_t off0) {
     __syncwarp();
     CUTE_UNROLL
     for (int m = 0; m < S * KS / 8 / 32; ++m) {
       const int e = lane + 32 * m, r = r_w + e / (KS / 8), c8 = e % (KS / 8) * 8;
       if (r < rows)
         *reinterpret_cast<Vec*>(static_cast<Elem*>(dst) + off0 + r * row_stride + c8) =
-            *reinterpret_cast<const Vec*>(&tile(r, c8));
+            *reinterpret_cast<const Vec*>(tile + tile64_offset(r, c8));
     }
   };
 
@@ -289,7 +294,7 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       constexpr bool kExact = decltype(exact_c)::value;
       // the dq epilogue's reads of P, in flight during the folds
       const int64_t out0 = head_off + col0;
-      float2 pin[kPairs], rin[kPairs], next[kPairs / 2];
+      float2 pin[kPairs], rin[kPairs];
       auto load_pairs = [&](float2 (&x)[kPairs], const float* src) {
         CUTE_UNROLL
         for (int u = 0; u < kPairs; ++u) {
@@ -305,21 +310,29 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       {
         const int cc = 2 * lane;
         CUTE_UNROLL
-        for (int m = 0; m < C / 4; ++m) {
-          const int j = warp + 4 * m, b = m / 4;
-          const float2 gj = g_at(j, cc), s_b = g_at(b * S, cc), e_b = g_at(b * S + S - 1, cc);
-          const float2 kj = pair_at(sK + j * LDQ + cc), qj = pair_at(sQ + j * LDQ + cc);
-          // the diagonal (pair by pair instead when kExact: its factors may overflow then)
-          const float2 fk = exp2_diff(s_b, gj), fq = exp2_diff(gj, e_b);
-          split_store(kExact ? make_float2(0.f, 0.f) : make_float2(kj.x * fk.x, kj.y * fk.y), sKdh, sKdl, j, cc);
-          split_store(kExact ? make_float2(0.f, 0.f) : make_float2(qj.x * fq.x, qj.y * fq.y), sQdh, sQdl, j, cc);
-          if (b < 3) {
-            const float2 f = exp2_diff(e_b, gj);
-            split_store(make_float2(kj.x * f.x, kj.y * f.y), sKeh, sKel, j, cc);
-          }
-          if (b > 0) {
-            const float2 f = exp2_diff(gj, s_b);
-            split_store(make_float2(qj.x * f.x, qj.y * f.y), sQsh, sQsl, j, cc);
+        for (int b = 0; b < 4; ++b) {
+          const float2 s_b = g_at(b * S, cc), e_b = g_at(b * S + S - 1, cc);
+          // the sub-chunk's decay 2^(E_b - S_b) (>= 2^-max_fold_span2 unless kExact): the
+          // off-diagonal factors are the diagonal ones times it, one exp2 each instead of two
+          const float2 span = exp2_diff(e_b, s_b);
+          CUTE_UNROLL
+          for (int m = 0; m < S / 4; ++m) {
+            const int j = b * S + warp + 4 * m, off = tile64_offset(j, cc);
+            const float2 gj = g_at(j, cc);
+            const float2 kj = pair_at(sK + j * LDQ + cc), qj = pair_at(sQ + j * LDQ + cc);
+            // the diagonal: K~ = K 2^(S_b - G_j) (<= 2^-span), Q~ = Q 2^(G_j - E_b) (<= 2^-span)
+            // (pair by pair instead when kExact: its factors may overflow then)
+            const float2 fk = exp2_diff(s_b, gj), fq = exp2_diff(gj, e_b);
+            split_store(kExact ? make_float2(0.f, 0.f) : make_float2(kj.x * fk.x, kj.y * fk.y), pKdh, pKdl, off);
+            split_store(kExact ? make_float2(0.f, 0.f) : make_float2(qj.x * fq.x, qj.y * fq.y), pQdh, pQdl, off);
+            if (b < 3) {   // K^ = K 2^(E_b - G_j) = K~ 2^(E_b - S_b)
+              const float2 f = kExact ? exp2_diff(e_b, gj) : make_float2(fk.x * span.x, fk.y * span.y);
+              split_store(make_float2(kj.x * f.x, kj.y * f.y), pKeh, pKel, off);
+            }
+            if (b > 0) {   // Q^ = Q 2^(G_j - S_b) = Q~ 2^(E_b - S_b)
+              const float2 f = kExact ? exp2_diff(gj, s_b) : make_float2(fq.x * span.x, fq.y * span.y);
+              split_store(make_float2(qj.x * f.x, qj.y * f.y), pQsh, pQsl, off);
+            }
           }
         }
       }
@@ -340,12 +353,16 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       mma3(acc, tAh, tAl, sKdhT, sKdlT, typename Tr::LdsmN{}, warp, warp + 1);
 
       float2 d[kPairs];   // q dq, then q dq - k dk
+      float2 col_decay;   // per column pair (u even; u + 1 shares it)
       CUTE_UNROLL
       for (int u = 0; u < kPairs; ++u) {
         const int r = row_of(u), c = col_of(u);
-        const float2 g = g_at(r, c), g_q = g_at(r_w, c), qv = pair_at(sQ + r * LDQ + c);
-        float x0 = exp2_ftz(g.x) * pin[u].x + exp2_ftz(g.x - g_q.x) * acc(2 * u);
-        float x1 = exp2_ftz(g.y) * pin[u].y + exp2_ftz(g.y - g_q.y) * acc(2 * u + 1);
+        const float2 g = g_at(r, c), qv = pair_at(sQ + r * LDQ + c);
+        // 2^G P + 2^(G - G_q) acc = 2^(G - G_q) (2^G_q P + acc): one exp2 per element
+        if (u % 2 == 0) col_decay = exp2_diff(g_at(r_w, c), make_float2(0.f, 0.f));
+        const float2 f = exp2_diff(g, g_at(r_w, c));
+        float x0 = f.x * fmaf(col_decay.x, pin[u].x, acc(2 * u));
+        float x1 = f.y * fmaf(col_decay.y, pin[u].y, acc(2 * u + 1));
         if constexpr (kExact) {   // the diagonal block pair by pair: sum_{16w <= j <= r} dA_rj k_j 2^(G_r - G_j)
           for (int j = r_w; j <= r; ++j) {
             const float a = dA_at(r, j);
@@ -356,13 +373,10 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
         }
         d[u] = make_float2(qv.x * x0, qv.y * x1);
         // staged in this warp's rows of K~ (read only by this warp's diagonal product, done)
-        *reinterpret_cast<uint32_t*>(&sKdh(r, c)) = elem_pair(x0, x1);
+        *reinterpret_cast<uint32_t*>(pKdh + tile64_offset(r, c)) = elem_pair(x0, x1);
       }
-      copy_rows_out(sKdh, p.dq, out0);
+      copy_rows_out(pKdh, p.dq, out0);
       load_pairs(rin, p.dk_inter);   // in flight during dk's products
-      CUTE_UNROLL
-      for (int u = 0; u < kPairs; u += 2)   // the columns of this thread (both rows share them)
-        next[u / 2] = __ldg(reinterpret_cast<const float2*>(p.state_dots + (int64_t(slot) * H + h) * K + col0 + col_of(u)));
 
       // dk: sub-chunks a > w from the last one down, then the diagonal one
       clear(acc);
@@ -379,11 +393,14 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       CUTE_UNROLL
       for (int u = 0; u < kPairs; ++u) {
         const int r = row_of(u), c = col_of(u);
-        const float2 g = g_at(r, c), g_k = g_at(r_w + S - 1, c), g_last = g_at(C - 1, c), kv = pair_at(sK + r * LDQ + c);
-        const float i0 = exp2_ftz(g_last.x - g.x) * rin[u].x, i1 = exp2_ftz(g_last.y - g.y) * rin[u].y;
+        const float2 g = g_at(r, c), g_k = g_at(r_w + S - 1, c), kv = pair_at(sK + r * LDQ + c);
+        // 2^(G_last - G) R = 2^(G_k - G) 2^(G_last - G_k) R: one exp2 per element
+        if (u % 2 == 0) col_decay = exp2_diff(g_at(C - 1, c), g_k);
+        const float2 f = exp2_diff(g_k, g);
+        const float i0 = f.x * (col_decay.x * rin[u].x), i1 = f.y * (col_decay.y * rin[u].y);
         kdi[u / 2] = u % 2 ? make_float2(kdi[u / 2].x + kv.x * i0, kdi[u / 2].y + kv.y * i1) : make_float2(kv.x * i0, kv.y * i1);
-        float x0 = i0 + exp2_ftz(g_k.x - g.x) * acc(2 * u);
-        float x1 = i1 + exp2_ftz(g_k.y - g.y) * acc(2 * u + 1);
+        float x0 = fmaf(f.x, acc(2 * u), i0);
+        float x1 = fmaf(f.y, acc(2 * u + 1), i1);
         if constexpr (kExact) {   // sum_{r <= i < 16w + 16} dA_ir q_i 2^(G_i - G_r)
           for (int i = r; i < r_w + S; ++i) {
             const float a = dA_at(i, r);
@@ -394,69 +411,70 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
         }
         d[u].x -= kv.x * x0;
         d[u].y -= kv.y * x1;
-        *reinterpret_cast<uint32_t*>(&sQdh(r, c)) = elem_pair(x0, x1);   // this warp's rows of Q~
+        *reinterpret_cast<uint32_t*>(pQdh + tile64_offset(r, c)) = elem_pair(x0, x1);   // this warp's rows of Q~
       }
-      copy_rows_out(sQdh, p.dk, out0);
+      copy_rows_out(pQdh, p.dk, out0);
 
-      // 3. d summed from each row to the chunk's end: the 8 lanes of one lane % 4 hold rows
-      // r_w + lane / 4 (u even) and 8 below (u odd) of the same columns; suffix scans across
-      // them, the lower half's total added to the upper half, then the later warps' totals
-      CUTE_UNROLL
-      for (int u = 0; u < kPairs; ++u) {
-        CUTE_UNROLL
-        for (int off = 4; off < 32; off *= 2) {
-          const float y0 = __shfl_down_sync(0xffffffffu, d[u].x, off), y1 = __shfl_down_sync(0xffffffffu, d[u].y, off);
-          if (lane + off < 32) {
-            d[u].x += y0;
-            d[u].y += y1;
-          }
-        }
-      }
+      // 3. dg: d summed from each row to the chunk's end, plus the part of the later chunks.
+      // The warps' column sums of k dk_inter by shuffles; d itself through shared memory (sD,
+      // the fold tiles' first 16 KB, free once every warp's products are done) to a column
+      // pass, where warp w sums rows 16w..16w+15 of the column pair cp from the bottom up and
+      // stores whole 256-byte rows of dg
       CUTE_UNROLL
       for (int u = 0; u < kPairs; u += 2) {
-        d[u].x += __shfl_sync(0xffffffffu, d[u + 1].x, lane % 4);
-        d[u].y += __shfl_sync(0xffffffffu, d[u + 1].y, lane % 4);
         CUTE_UNROLL
-        for (int off = 4; off < 32; off *= 2) {   // the warp's column sums of k dk_inter
+        for (int off = 4; off < 32; off *= 2) {
           kdi[u / 2].x += __shfl_xor_sync(0xffffffffu, kdi[u / 2].x, off);
           kdi[u / 2].y += __shfl_xor_sync(0xffffffffu, kdi[u / 2].y, off);
         }
-        if (lane < 4) {
-          *reinterpret_cast<float2*>(sWT + warp * KS + col_of(u)) = d[u];
-          *reinterpret_cast<float2*>(sWE + warp * KS + col_of(u)) = kdi[u / 2];
-        }
+        if (lane < 4) *reinterpret_cast<float2*>(sWE + warp * KS + col_of(u)) = kdi[u / 2];
       }
+      const int cp = 2 * lane;
+      const float2 next = __ldg(reinterpret_cast<const float2*>(p.state_dots + (int64_t(slot) * H + h) * K + col0 + cp));
       __syncthreads();   // q, k, the folds and the staging space are free: the next slice's loads
       if (col0 + KS < K) prefetch_slice(col0 + KS);
-      const int half = r_w / (C / 2);
+      float* const sD = reinterpret_cast<float*>(sFold);   // (C, KS) fp32 at tile64_offset
+      static_assert(C * KS * sizeof(float) <= kGateStage * sizeof(Elem), "sD ends where the gates are staged");
       CUTE_UNROLL
-      for (int u = 0; u < kPairs; u += 2) {
-        const int c = col_of(u);
-        // exp(G_last) rowsum(h_c * L_{c+1}) + the chunk's k dk_inter + the later warps' d
-        const float2 decay = exp2_diff(g_at(C - 1, c), make_float2(0.f, 0.f));
-        float2 later = make_float2(decay.x * next[u / 2].x, decay.y * next[u / 2].y);
+      for (int u = 0; u < kPairs; ++u) *reinterpret_cast<float2*>(sD + tile64_offset(row_of(u), col_of(u))) = d[u];
+      __syncthreads();
+      float2 suffix[S];
+      {
+        float2 run = make_float2(0.f, 0.f);
         CUTE_UNROLL
-        for (int w = 0; w < 4; ++w) {
-          later.x += sWE[w * KS + c];
-          later.y += sWE[w * KS + c + 1];
-          if (w > warp) {
-            later.x += sWT[w * KS + c];
-            later.y += sWT[w * KS + c + 1];
-          }
+        for (int i = S - 1; i >= 0; --i) {
+          const float2 x = *reinterpret_cast<const float2*>(sD + tile64_offset(r_w + i, cp));
+          run = make_float2(run.x + x.x, run.y + x.y);
+          suffix[i] = run;
         }
-        const uint32_t clamp0 = sClamp[half * KS + c], clamp1 = sClamp[half * KS + c + 1];
-        CUTE_UNROLL
-        for (int e = 0; e < 2; ++e) {   // the pair's two rows
-          const int r = row_of(u + e), bit = r % (C / 2);
-          if (r < rows) {   // clamped gates: no gradient
-            const float x0 = (clamp0 >> bit) & 1u ? 0.f : d[u + e].x + later.x;
-            const float x1 = (clamp1 >> bit) & 1u ? 0.f : d[u + e].y + later.y;
-            const int64_t off = out0 + r * row_stride + c;
-            if (p.g_fp32) {
-              *reinterpret_cast<float2*>(static_cast<float*>(p.dg) + off) = make_float2(x0, x1);
-            } else {
-              *reinterpret_cast<uint32_t*>(static_cast<Elem*>(p.dg) + off) = elem_pair(x0, x1);
-            }
+        *reinterpret_cast<float2*>(sWT + warp * KS + cp) = run;   // the total of this warp's rows
+      }
+      __syncthreads();
+      // exp(G_last) rowsum(h_c * L_{c+1}) + the chunk's k dk_inter + the later warps' d
+      const float2 decay = exp2_diff(g_at(C - 1, cp), make_float2(0.f, 0.f));
+      float2 later = make_float2(decay.x * next.x, decay.y * next.y);
+      CUTE_UNROLL
+      for (int w = 0; w < 4; ++w) {
+        const float2 e = *reinterpret_cast<const float2*>(sWE + w * KS + cp);
+        later = make_float2(later.x + e.x, later.y + e.y);
+        if (w > warp) {
+          const float2 t = *reinterpret_cast<const float2*>(sWT + w * KS + cp);
+          later = make_float2(later.x + t.x, later.y + t.y);
+        }
+      }
+      const int half = r_w / (C / 2);
+      const uint32_t clamp0 = sClamp[half * KS + cp], clamp1 = sClamp[half * KS + cp + 1];
+      CUTE_UNROLL
+      for (int i = 0; i < S; ++i) {
+        const int r = r_w + i, bit = r % (C / 2);
+        if (r < rows) {   // clamped gates: no gradient
+          const float x0 = (clamp0 >> bit) & 1u ? 0.f : suffix[i].x + later.x;
+          const float x1 = (clamp1 >> bit) & 1u ? 0.f : suffix[i].y + later.y;
+          const int64_t off = out0 + r * row_stride + cp;
+          if (p.g_fp32) {
+            *reinterpret_cast<float2*>(static_cast<float*>(p.dg) + off) = make_float2(x0, x1);
+          } else {
+            *reinterpret_cast<uint32_t*>(static_cast<Elem*>(p.dg) + off) = elem_pair(x0, x1);
           }
         }
       }
