@@ -16,7 +16,9 @@
 //      the diagonal out of the folds and takes it pair by pair in fp32 (2^(G_i - G_j) <= 1).
 //      The epilogue adds the gated inter-chunk parts P, R and runs in the accumulator layout.
 //   3. dg = (q dq - k dk summed to the chunk's end) + exp(G_last) state_dots of the chunk
-//      + (k dk_inter summed over the chunk), 0 where the gate was clamped (gla.h)
+//      + (k dk_inter summed over the chunk), 0 where the gate was clamped (gla.h); d = q dq -
+//      k dk leaves the accumulator layout through shared memory for a column pass (a warp per
+//      sub-chunk's rows, a column pair per lane) that sums it bottom up and stores dg by rows
 //
 // Inputs arrive by cp.async a step ahead: the dO, V slices of step 1 double-buffered, the
 // first K-slice's q, k and gates during step 1, each next one during the previous slice's dg.
@@ -89,15 +91,18 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
     // registers through it and made ptxas spill
     int t = tid;
     asm volatile("" : "+r"(t));
-    const Elem* q = static_cast<const Elem*>(p.q) + head_off + col0;
-    const Elem* k = static_cast<const Elem*>(p.k) + head_off + col0;
+    // vector m of thread t: row t / 8 + 16 m, columns t % 8 * 8..; rows past the chunk read
+    // nothing (zero fill) from the chunk's first row
+    constexpr int kRowStep = kThreads / (KS / 8);
+    const int r0 = t / (KS / 8), c8 = t % (KS / 8) * 8;
+    const int64_t off0 = head_off + col0 + c8, off = off0 + r0 * row_stride;
     CUTE_UNROLL
     for (int m = 0; m < kVecs; ++m) {
-      const int u = t + kThreads * m, r = u / (KS / 8), c8 = u % (KS / 8) * 8;
+      const int r = r0 + kRowStep * m;
       const bool valid = r < rows;
-      const int64_t off = valid ? r * row_stride + c8 : 0;
-      cp_async_16(sQ + r * LDQ + c8, q + off, valid);
-      cp_async_16(sK + r * LDQ + c8, k + off, valid);
+      const int64_t src = valid ? off + kRowStep * m * row_stride : off0;
+      cp_async_16(sQ + r * LDQ + c8, static_cast<const Elem*>(p.q) + src, valid);
+      cp_async_16(sK + r * LDQ + c8, static_cast<const Elem*>(p.k) + src, valid);
     }
     {   // the slice's P and R rows into L2: the epilogues' register loads then wait on L2
       const int r = t / 2, line = t % 2;   // 64 rows x two 128-byte lines of fp32
@@ -110,11 +115,13 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
     if (p.g_fp32) {
       float* stage = reinterpret_cast<float*>(sFold + kGateStage);
       const float* g = static_cast<const float*>(p.g) + head_off + col0;
+      constexpr int kStep = kThreads / (KS / 4);
+      const int g0 = t / (KS / 4), c4 = t % (KS / 4) * 4;
       CUTE_UNROLL
       for (int m = 0; m < 2 * kVecs; ++m) {
-        const int u = t + kThreads * m, r = u / (KS / 4), c4 = u % (KS / 4) * 4;
+        const int r = g0 + kStep * m;
         const bool valid = r < rows;
-        cp_async_16(stage + r * KS + c4, g + (valid ? r * row_stride + c4 : 0), valid);
+        cp_async_16(stage + r * KS + c4, g + c4 + (valid ? r * row_stride : 0), valid);
       }
     } else {
       Elem* stage = sFold + kGateStage;
@@ -142,17 +149,18 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   auto prefetch_dv = [&](int i) {
     int t = tid;
     asm volatile("" : "+r"(t));
-    Tensor sDOt = make_tensor(make_smem_ptr(dv_stage(i)), typename Tr::LayoutF{});          // (C, KS)
-    Tensor sVt = make_tensor(make_smem_ptr(dv_stage(i) + C * KS), typename Tr::LayoutF{});  // (C, KS)
-    const Elem* dO = static_cast<const Elem*>(p.dout) + (t0 * H + h) * V + i * KS;
-    const Elem* v = static_cast<const Elem*>(p.v) + (t0 * H + h) * V + i * KS;
+    Elem* const sDO = dv_stage(i);    // (C, KS) at tile64_offset
+    Elem* const sVs = sDO + C * KS;   // (C, KS)
+    constexpr int kRowStep = kThreads / (KS / 8);
+    const int r0 = t / (KS / 8), c8 = t % (KS / 8) * 8;
+    const int64_t off0 = (t0 * H + h) * V + i * KS + c8;
     CUTE_UNROLL
     for (int m = 0; m < kVecs; ++m) {
-      const int u = t + kThreads * m, r = u / (KS / 8), c8 = u % (KS / 8) * 8;
+      const int r = r0 + kRowStep * m;
       const bool valid = r < rows;
-      const int64_t off = valid ? r * H * V + c8 : 0;
-      cp_async_16(&sDOt(r, c8), dO + off, valid);
-      cp_async_16(&sVt(r, c8), v + off, valid);
+      const int64_t src = off0 + (valid ? r * H * V : 0);
+      cp_async_16(sDO + tile64_offset(r, c8), static_cast<const Elem*>(p.dout) + src, valid);
+      cp_async_16(sVs + tile64_offset(r, c8), static_cast<const Elem*>(p.v) + src, valid);
     }
     cp_async_fence();
   };
@@ -234,8 +242,11 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   Tensor tCc = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<KS>>{}));   // (MMA, MMA_M, MMA_N)
   constexpr int kPairs = decltype(size(tCc))::value / 2;
   static_assert(kPairs == 16, "m16n8 accumulators: 8 n-blocks x 2 rows");
-  auto row_of = [&](int u) { return int(get<0>(tCc(2 * u))); };
-  auto col_of = [&](int u) { return int(get<1>(tCc(2 * u))); };
+  // (the m16n8 accumulator layout written out, as unsigned arithmetic: CuTe's signed
+  // coordinate divisions were 3% of all instructions where ptxas recomputes them)
+  const unsigned lane_u = threadIdx.x % 32u;
+  auto row_of = [&](int u) { return r_w + int(lane_u / 4u) + 8 * (u % 2); };
+  auto col_of = [&](int u) { return 8 * (u / 2) + int(lane_u % 4u) * 2; };
   // pairs of adjacent elements as one register (packed conversions: pack_pair)
   auto pair_at = [](const Elem* base) { return unpack_pair<Elem>(*reinterpret_cast<const uint32_t*>(base)); };
   auto g_at = [&](int r, int c) { return *reinterpret_cast<const float2*>(sG + r * LDG + c); };
@@ -281,8 +292,13 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       float rg[C / 2];
       staged_gates(rg);
       uint32_t clamped = 0;   // rows (of this half) whose gate the scan clamps: dg is 0 there
+      float lowest = rg[0];
       CUTE_UNROLL
-      for (int i = 0; i < C / 2; ++i) clamped |= uint32_t(rg[i] < kMinLogGate) << i;
+      for (int i = 1; i < C / 2; ++i) lowest = fminf(lowest, rg[i]);
+      if (lowest < kMinLogGate) {   // rare: the bits row by row
+        CUTE_UNROLL
+        for (int i = 0; i < C / 2; ++i) clamped |= uint32_t(rg[i] < kMinLogGate) << i;
+      }
       sClamp[ghalf * KS + gcol] = clamped;
       exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, LDG, ghalf, gcol, grow0);   // (its barriers: the
                                                                                   // staged gates are read)
@@ -296,11 +312,13 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       const int64_t out0 = head_off + col0;
       float2 pin[kPairs], rin[kPairs];
       auto load_pairs = [&](float2 (&x)[kPairs], const float* src) {
+        // two row pointers (u even, u odd), the columns as immediate offsets
+        const float* row0 = src + out0 + row_of(0) * row_stride + col_of(0);
+        const float* row1 = row0 + (row_of(1) - row_of(0)) * row_stride;
         CUTE_UNROLL
         for (int u = 0; u < kPairs; ++u) {
-          const int r = row_of(u);
-          x[u] = r < rows ? __ldg(reinterpret_cast<const float2*>(src + out0 + r * row_stride + col_of(u)))
-                          : make_float2(0.f, 0.f);
+          const float* at = (u % 2 ? row1 : row0) + (col_of(u) - col_of(0));
+          x[u] = row_of(u) < rows ? __ldg(reinterpret_cast<const float2*>(at)) : make_float2(0.f, 0.f);
         }
       };
       load_pairs(pin, p.dq_inter);
@@ -462,22 +480,26 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
           later = make_float2(later.x + t.x, later.y + t.y);
         }
       }
-      const int half = r_w / (C / 2);
-      const uint32_t clamp0 = sClamp[half * KS + cp], clamp1 = sClamp[half * KS + cp + 1];
-      CUTE_UNROLL
-      for (int i = 0; i < S; ++i) {
-        const int r = r_w + i, bit = r % (C / 2);
-        if (r < rows) {   // clamped gates: no gradient
-          const float x0 = (clamp0 >> bit) & 1u ? 0.f : suffix[i].x + later.x;
-          const float x1 = (clamp1 >> bit) & 1u ? 0.f : suffix[i].y + later.y;
-          const int64_t off = out0 + r * row_stride + cp;
-          if (p.g_fp32) {
-            *reinterpret_cast<float2*>(static_cast<float*>(p.dg) + off) = make_float2(x0, x1);
-          } else {
-            *reinterpret_cast<uint32_t*>(static_cast<Elem*>(p.dg) + off) = elem_pair(x0, x1);
+      const int half = r_w / (C / 2), shift = r_w % (C / 2);
+      const uint32_t clamp0 = sClamp[half * KS + cp] >> shift, clamp1 = sClamp[half * KS + cp + 1] >> shift;
+      auto store_dg = [&](auto* dg) {   // fp32 or Elem, as g
+        auto* at = dg + out0 + r_w * row_stride + cp;
+        CUTE_UNROLL
+        for (int i = 0; i < S; ++i, at += row_stride) {
+          if (r_w + i < rows) {   // clamped gates: no gradient
+            const float x0 = clamp0 & (1u << i) ? 0.f : suffix[i].x + later.x;
+            const float x1 = clamp1 & (1u << i) ? 0.f : suffix[i].y + later.y;
+            if constexpr (std::is_same_v<std::remove_pointer_t<decltype(at)>, float>)
+              *reinterpret_cast<float2*>(at) = make_float2(x0, x1);
+            else
+              *reinterpret_cast<uint32_t*>(at) = elem_pair(x0, x1);
           }
         }
-      }
+      };
+      if (p.g_fp32)
+        store_dg(static_cast<float*>(p.dg));
+      else
+        store_dg(static_cast<Elem*>(p.dg));
     };
     if (exact)
       slice(std::true_type{});
