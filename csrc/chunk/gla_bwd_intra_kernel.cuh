@@ -6,14 +6,14 @@
 //   2. per 64-column slice of K: the gates G (the forward's scan, log2 units), then folds of K
 //      and Q that every warp shares, each split into hi + lo operands (a product is
 //      Ah Fh + Al Fh + Ah Fl: fp32-grade, as FLA's tf32/fp32 blocks). With S_b, E_b the
-//      gates at the first and last row of sub-chunk b:
-//        off the diagonal  K^_j = K_j 2^(E_b - G_j),  Q^_i = Q_i 2^(G_i - S_b)      (<= 1)
-//        on the diagonal   K~_j = K_j 2^(S_b - G_j),  Q~_i = Q_i 2^(G_i - E_b)      (<= 2^-span)
+//      gates at the first and last row of sub-chunk b, K folds at S_b and Q folds at E_b:
+//        K~_j = K_j 2^(S_b - G_j),  Q~_i = Q_i 2^(G_i - E_b)      (<= 2^-span of the sub-chunk)
 //      and, per column, sums over sub-chunks in Horner form with factors <= 1:
-//        dq_w = 2^(G - S_w) [2^(S_w - E_{w-1}) (.. dA[w,0] K^_0 ..) + dA[w,w] K~_w]
-//        dk_w = 2^(E_w - G) [2^(S_{w+1} - E_w) (.. dA[3,w]^T Q^_3 ..) + dA[w,w]^T Q~_w]
-//      A slice where some sub-chunk's span passes max_fold_span2 (the forward's test) leaves
-//      the diagonal out of the folds and takes it pair by pair in fp32 (2^(G_i - G_j) <= 1).
+//        dq_w = 2^(G - S_w) [2^(S_w - S_{w-1}) (.. dA[w,0] K~_0 ..) + dA[w,w] K~_w]
+//        dk_w = 2^(E_w - G) [2^(E_{w+1} - E_w) (.. dA[3,w]^T Q~_3 ..) + dA[w,w]^T Q~_w]
+//      A slice where some sub-chunk's span passes max_fold_span2 (the forward's test) takes
+//      the diagonal pair by pair in fp32 (2^(G_i - G_j) <= 1) and the other blocks from folds
+//      with factors <= 1: K^_j = K_j 2^(E_b - G_j), Q^_i = Q_i 2^(G_i - S_b).
 //      The epilogue adds the gated inter-chunk parts P, R and runs in the accumulator layout.
 //   3. dg = (q dq - k dk summed to the chunk's end) + exp(G_last) state_dots of the chunk
 //      + (k dk_inter summed over the chunk), 0 where the gate was clamped (gla.h); d = q dq -
@@ -310,6 +310,11 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       constexpr bool kExact = decltype(exact_c)::value;
       // the dq epilogue's reads of P, in flight during the folds
       const int64_t out0 = head_off + col0;
+      // dq and dk leave through (C, KS) tiles of folds this variant leaves unused (the other
+      // warps may still read any row of the ones it uses), each warp through its own rows
+      Elem* const dq_stage = kExact ? pKdh : pKeh;
+      Elem* const dk_stage = kExact ? pQdh : sFold + Tr::kQs * KS;
+      static_assert(Tr::kKe + C <= Tr::kKd && Tr::kQs + C <= Tr::kQd, "staging tiles inside the unused folds");
       float2 pin[kPairs], rin[kPairs];
       auto load_pairs = [&](float2 (&x)[kPairs], const float* src) {
         // two row pointers (u even, u odd), the columns as immediate offsets
@@ -330,26 +335,29 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
         CUTE_UNROLL
         for (int b = 0; b < 4; ++b) {
           const float2 s_b = g_at(b * S, cc), e_b = g_at(b * S + S - 1, cc);
-          // the sub-chunk's decay 2^(E_b - S_b) (>= 2^-max_fold_span2 unless kExact): the
-          // off-diagonal factors are the diagonal ones times it, one exp2 each instead of two
-          const float2 span = exp2_diff(e_b, s_b);
           CUTE_UNROLL
           for (int m = 0; m < S / 4; ++m) {
             const int j = b * S + warp + 4 * m, off = tile64_offset(j, cc);
             const float2 gj = g_at(j, cc);
             const float2 kj = pair_at(sK + j * LDQ + cc), qj = pair_at(sQ + j * LDQ + cc);
-            // the diagonal: K~ = K 2^(S_b - G_j) (<= 2^-span), Q~ = Q 2^(G_j - E_b) (<= 2^-span)
-            // (pair by pair instead when kExact: its factors may overflow then)
-            const float2 fk = exp2_diff(s_b, gj), fq = exp2_diff(gj, e_b);
-            split_store(kExact ? make_float2(0.f, 0.f) : make_float2(kj.x * fk.x, kj.y * fk.y), pKdh, pKdl, off);
-            split_store(kExact ? make_float2(0.f, 0.f) : make_float2(qj.x * fq.x, qj.y * fq.y), pQdh, pQdl, off);
-            if (b < 3) {   // K^ = K 2^(E_b - G_j) = K~ 2^(E_b - S_b)
-              const float2 f = kExact ? exp2_diff(e_b, gj) : make_float2(fk.x * span.x, fk.y * span.y);
-              split_store(make_float2(kj.x * f.x, kj.y * f.y), pKeh, pKel, off);
-            }
-            if (b > 0) {   // Q^ = Q 2^(G_j - S_b) = Q~ 2^(E_b - S_b)
-              const float2 f = kExact ? exp2_diff(gj, s_b) : make_float2(fq.x * span.x, fq.y * span.y);
-              split_store(make_float2(qj.x * f.x, qj.y * f.y), pQsh, pQsl, off);
+            if constexpr (!kExact) {
+              // K~ = K 2^(S_b - G_j), Q~ = Q 2^(G_j - E_b) (<= 2^-span, bounded here): the
+              // diagonal blocks' operands, and the off-diagonal ones too, the Horner sums
+              // then referred to S_b (dq) and E_a (dk)
+              const float2 fk = exp2_diff(s_b, gj), fq = exp2_diff(gj, e_b);
+              split_store(make_float2(kj.x * fk.x, kj.y * fk.y), pKdh, pKdl, off);
+              split_store(make_float2(qj.x * fq.x, qj.y * fq.y), pQdh, pQdl, off);
+            } else {
+              // strong decay: the diagonal pair by pair (its factors may overflow), off the
+              // diagonal K^ = K 2^(E_b - G_j), Q^ = Q 2^(G_j - S_b) (<= 1)
+              if (b < 3) {
+                const float2 f = exp2_diff(e_b, gj);
+                split_store(make_float2(kj.x * f.x, kj.y * f.y), pKeh, pKel, off);
+              }
+              if (b > 0) {
+                const float2 f = exp2_diff(gj, s_b);
+                split_store(make_float2(qj.x * f.x, qj.y * f.y), pQsh, pQsl, off);
+              }
             }
           }
         }
@@ -361,14 +369,18 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       CUTE_STATIC_ASSERT_V(size(acc) == size(tCc));
       clear(acc);
       CUTE_UNROLL
-      for (int b = 0; b < 3; ++b) {
-        if (b < warp) {
+      for (int b = 0; b < 4; ++b) {
+        if constexpr (!kExact) {   // K~ of sub-chunks b <= w, each at its first row S_b
+          if (b <= warp) {
+            if (b > 0) rescale(acc, b * S, b * S - S);
+            mma3(acc, tAh, tAl, sKdhT, sKdlT, typename Tr::LdsmN{}, b, b + 1);
+          }
+        } else if (b < warp) {     // K^ of sub-chunks b < w, each at its last row E_b
           if (b > 0) rescale(acc, b * S + S - 1, b * S - 1);
           mma3(acc, tAh, tAl, sKehT, sKelT, typename Tr::LdsmN{}, b, b + 1);
         }
       }
-      if (warp > 0) rescale(acc, r_w, r_w - 1);
-      mma3(acc, tAh, tAl, sKdhT, sKdlT, typename Tr::LdsmN{}, warp, warp + 1);
+      if (kExact && warp > 0) rescale(acc, r_w, r_w - 1);   // at S_w (the diagonal: the epilogue)
 
       float2 d[kPairs];   // q dq, then q dq - k dk
       float2 col_decay;   // per column pair (u even; u + 1 shares it)
@@ -390,23 +402,26 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
           }
         }
         d[u] = make_float2(qv.x * x0, qv.y * x1);
-        // staged in this warp's rows of K~ (read only by this warp's diagonal product, done)
-        *reinterpret_cast<uint32_t*>(pKdh + tile64_offset(r, c)) = elem_pair(x0, x1);
+        *reinterpret_cast<uint32_t*>(dq_stage + tile64_offset(r, c)) = elem_pair(x0, x1);
       }
-      copy_rows_out(pKdh, p.dq, out0);
+      copy_rows_out(dq_stage, p.dq, out0);
       load_pairs(rin, p.dk_inter);   // in flight during dk's products
 
       // dk: sub-chunks a > w from the last one down, then the diagonal one
       clear(acc);
       CUTE_UNROLL
-      for (int a = 3; a > 0; --a) {
-        if (a > warp) {
+      for (int a = 3; a >= 0; --a) {
+        if constexpr (!kExact) {   // Q~ of sub-chunks a >= w, each at its last row E_a
+          if (a >= warp) {
+            if (a < 3) rescale(acc, a * S + 2 * S - 1, a * S + S - 1);
+            mma3(acc, tAht, tAlt, sQdhT, sQdlT, typename Tr::LdsmT{}, a, a + 1);
+          }
+        } else if (a > warp) {     // Q^ of sub-chunks a > w, each at its first row S_a
           if (a < 3) rescale(acc, a * S + S, a * S);
           mma3(acc, tAht, tAlt, sQshT, sQslT, typename Tr::LdsmT{}, a, a + 1);
         }
       }
-      if (warp < 3) rescale(acc, r_w + S, r_w + S - 1);
-      mma3(acc, tAht, tAlt, sQdhT, sQdlT, typename Tr::LdsmT{}, warp, warp + 1);
+      if (kExact && warp < 3) rescale(acc, r_w + S, r_w + S - 1);   // at E_w (the diagonal: the epilogue)
       float2 kdi[kPairs / 2];   // k dk_inter of each column pair, both rows
       CUTE_UNROLL
       for (int u = 0; u < kPairs; ++u) {
@@ -429,9 +444,9 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
         }
         d[u].x -= kv.x * x0;
         d[u].y -= kv.y * x1;
-        *reinterpret_cast<uint32_t*>(pQdh + tile64_offset(r, c)) = elem_pair(x0, x1);   // this warp's rows of Q~
+        *reinterpret_cast<uint32_t*>(dk_stage + tile64_offset(r, c)) = elem_pair(x0, x1);
       }
-      copy_rows_out(pQdh, p.dk, out0);
+      copy_rows_out(dk_stage, p.dk, out0);
 
       // 3. dg: d summed from each row to the chunk's end, plus the part of the later chunks.
       // The warps' column sums of k dk_inter by shuffles; d itself through shared memory (sD,
