@@ -117,11 +117,12 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       const float* g = static_cast<const float*>(p.g) + head_off + col0;
       constexpr int kStep = kThreads / (KS / 4);
       const int g0 = t / (KS / 4), c4 = t % (KS / 4) * 4;
+      const float* src = g + c4 + g0 * row_stride;
       CUTE_UNROLL
-      for (int m = 0; m < 2 * kVecs; ++m) {
+      for (int m = 0; m < 2 * kVecs; ++m, src += kStep * row_stride) {
         const int r = g0 + kStep * m;
         const bool valid = r < rows;
-        cp_async_16(stage + r * KS + c4, g + c4 + (valid ? r * row_stride : 0), valid);
+        cp_async_16(stage + r * KS + c4, valid ? src : g, valid);
       }
     } else {
       Elem* stage = sFold + kGateStage;
@@ -137,10 +138,14 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   };
   // this thread's raw gates (column gcol, rows grow0..) from the staged slice
   auto staged_gates = [&](float (&rg)[C / 2]) {
-    CUTE_UNROLL
-    for (int i = 0; i < C / 2; ++i)
-      rg[i] = p.g_fp32 ? reinterpret_cast<const float*>(sFold + kGateStage)[(grow0 + i) * KS + gcol]
-                       : static_cast<float>(sFold[kGateStage + (grow0 + i) * KS + gcol]);
+    auto read = [&](const auto* stage) {
+      CUTE_UNROLL
+      for (int i = 0; i < C / 2; ++i) rg[i] = static_cast<float>(stage[(grow0 + i) * KS + gcol]);
+    };
+    if (p.g_fp32)
+      read(reinterpret_cast<const float*>(sFold + kGateStage));
+    else
+      read(sFold + kGateStage);
   };
   // dO and V slices of step 1, double-buffered in the fold tiles' space: 0 and 32 KB (the first
   // K-slice's gates are staged between them)
@@ -198,11 +203,13 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   Tensor tAht = make_tensor(make_smem_ptr(sAh), typename Tr::LayoutAt{});   // (C, C) dA^T
   Tensor tAlt = make_tensor(make_smem_ptr(sAl), typename Tr::LayoutAt{});   // (C, C)
   {
-    Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
-    CUTE_STATIC_ASSERT_V(size(tScS) == size(accA));
+    // the m16n8 accumulator layout (as row_of, col_of below): value i at row
+    // 16 w + lane / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2
+    CUTE_STATIC_ASSERT_V(size(accA) == Int<C / 2>{});
+    const int row0 = warp * S + lane / 4, c0 = 2 * (lane % 4);
     CUTE_UNROLL
     for (int i = 0; i < size(accA); ++i)
-      accA(i) = get<1>(tScS(i)) <= get<0>(tScS(i)) ? accA(i) * p.scale : 0.f;
+      accA(i) = c0 + 8 * (i / 4) + i % 2 <= row0 + 8 * (i / 2 % 2) ? accA(i) * p.scale : 0.f;
     Tensor tSsAh = thr_mma.partition_C(tAh);
     store_pairs(accA, tSsAh);
     CUTE_UNROLL
@@ -228,12 +235,22 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
   auto fold_t = [](Elem* base) { return make_tensor(make_smem_ptr(base), typename Tr::LayoutFt{}); };
   auto sKehT = fold_t(pKeh), sKelT = fold_t(pKel), sKdhT = fold_t(pKdh), sKdlT = fold_t(pKdl);   // (KS, C)
   auto sQshT = fold_t(pQsh), sQslT = fold_t(pQsl), sQdhT = fold_t(pQdh), sQdlT = fold_t(pQdl);
-  // three products of one k16 block: (Ah + Al)(Fh + Fl) less Al Fl
-  auto mma3 = [&](auto& acc, auto const& ah, auto const& al, auto const& fh, auto const& fl, auto copy_a, int kb_lo,
-                  int kb_hi) {
-    gemm_ss<Tr>(acc, ah, fh, copy_a, typename Tr::LdsmT{}, tid, kb_lo, kb_hi);
-    gemm_ss<Tr>(acc, al, fh, copy_a, typename Tr::LdsmT{}, tid, kb_lo, kb_hi);
-    gemm_ss<Tr>(acc, ah, fl, copy_a, typename Tr::LdsmT{}, tid, kb_lo, kb_hi);
+  // three products of k16 block kb: (Ah + Al)(Fh + Fl) less Al Fl, each operand loaded once
+  auto mma3 = [&](auto& acc, auto const& ah, auto const& al, auto const& fh, auto const& fl, auto copy_atom_a, int kb) {
+    auto copy_a = make_tiled_copy_A(copy_atom_a, mma);
+    auto copy_b = make_tiled_copy_B(typename Tr::LdsmT{}, mma);
+    auto thr_a = copy_a.get_thread_slice(tid);
+    auto thr_b = copy_b.get_thread_slice(tid);
+    Tensor rAh = thr_mma.partition_fragment_A(ah), rAl = thr_mma.partition_fragment_A(al);   // (MMA, MMA_M, MMA_K)
+    Tensor rFh = thr_mma.partition_fragment_B(fh), rFl = thr_mma.partition_fragment_B(fl);   // (MMA, MMA_N, MMA_K)
+    CUTE_STATIC_ASSERT_V(size<1>(rAh) == size<1>(acc) && size<1>(rFh) == size<2>(acc));
+    copy(copy_a, thr_a.partition_S(ah)(_, _, kb), thr_a.retile_D(rAh)(_, _, kb));
+    copy(copy_a, thr_a.partition_S(al)(_, _, kb), thr_a.retile_D(rAl)(_, _, kb));
+    copy(copy_b, thr_b.partition_S(fh)(_, _, kb), thr_b.retile_D(rFh)(_, _, kb));
+    copy(copy_b, thr_b.partition_S(fl)(_, _, kb), thr_b.retile_D(rFl)(_, _, kb));
+    gemm(mma, rAh(_, _, kb), rFh(_, _, kb), acc);
+    gemm(mma, rAl(_, _, kb), rFh(_, _, kb), acc);
+    gemm(mma, rAh(_, _, kb), rFl(_, _, kb), acc);
   };
 
   const int r_w = warp * S;   // this warp's rows
@@ -373,24 +390,34 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
         if constexpr (!kExact) {   // K~ of sub-chunks b <= w, each at its first row S_b
           if (b <= warp) {
             if (b > 0) rescale(acc, b * S, b * S - S);
-            mma3(acc, tAh, tAl, sKdhT, sKdlT, typename Tr::LdsmN{}, b, b + 1);
+            mma3(acc, tAh, tAl, sKdhT, sKdlT, typename Tr::LdsmN{}, b);
           }
         } else if (b < warp) {     // K^ of sub-chunks b < w, each at its last row E_b
           if (b > 0) rescale(acc, b * S + S - 1, b * S - 1);
-          mma3(acc, tAh, tAl, sKehT, sKelT, typename Tr::LdsmN{}, b, b + 1);
+          mma3(acc, tAh, tAl, sKehT, sKelT, typename Tr::LdsmN{}, b);
         }
       }
       if (kExact && warp > 0) rescale(acc, r_w, r_w - 1);   // at S_w (the diagonal: the epilogue)
 
       float2 d[kPairs];   // q dq, then q dq - k dk
-      float2 col_decay;   // per column pair (u even; u + 1 shares it)
+      // the epilogues' shared-memory reads: the thread's first pair (u = 0) plus immediate
+      // offsets (u odd: 8 rows down, u / 2: the n8 block), the per-column gates once per
+      // column pair (u even; u + 1 shares them: the stores between keep the compiler from
+      // reusing the loads itself)
+      const int g_off0 = row_of(0) * LDG + col_of(0), q_off0 = row_of(0) * LDQ + col_of(0);
+      auto g_row = [&](int u) { return sG + g_off0 + (u % 2) * 8 * LDG + (u / 2) * 8; };
+      auto qk_row = [&](const Elem* base, int u) { return base + q_off0 + (u % 2) * 8 * LDQ + (u / 2) * 8; };
+      float2 col_gate, col_decay;
       CUTE_UNROLL
       for (int u = 0; u < kPairs; ++u) {
         const int r = row_of(u), c = col_of(u);
-        const float2 g = g_at(r, c), qv = pair_at(sQ + r * LDQ + c);
+        const float2 g = *reinterpret_cast<const float2*>(g_row(u)), qv = pair_at(qk_row(sQ, u));
         // 2^G P + 2^(G - G_q) acc = 2^(G - G_q) (2^G_q P + acc): one exp2 per element
-        if (u % 2 == 0) col_decay = exp2_diff(g_at(r_w, c), make_float2(0.f, 0.f));
-        const float2 f = exp2_diff(g, g_at(r_w, c));
+        if (u % 2 == 0) {
+          col_gate = g_at(r_w, c);
+          col_decay = exp2_diff(col_gate, make_float2(0.f, 0.f));
+        }
+        const float2 f = exp2_diff(g, col_gate);
         float x0 = f.x * fmaf(col_decay.x, pin[u].x, acc(2 * u));
         float x1 = f.y * fmaf(col_decay.y, pin[u].y, acc(2 * u + 1));
         if constexpr (kExact) {   // the diagonal block pair by pair: sum_{16w <= j <= r} dA_rj k_j 2^(G_r - G_j)
@@ -414,11 +441,11 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
         if constexpr (!kExact) {   // Q~ of sub-chunks a >= w, each at its last row E_a
           if (a >= warp) {
             if (a < 3) rescale(acc, a * S + 2 * S - 1, a * S + S - 1);
-            mma3(acc, tAht, tAlt, sQdhT, sQdlT, typename Tr::LdsmT{}, a, a + 1);
+            mma3(acc, tAht, tAlt, sQdhT, sQdlT, typename Tr::LdsmT{}, a);
           }
         } else if (a > warp) {     // Q^ of sub-chunks a > w, each at its first row S_a
           if (a < 3) rescale(acc, a * S + S, a * S);
-          mma3(acc, tAht, tAlt, sQshT, sQslT, typename Tr::LdsmT{}, a, a + 1);
+          mma3(acc, tAht, tAlt, sQshT, sQslT, typename Tr::LdsmT{}, a);
         }
       }
       if (kExact && warp < 3) rescale(acc, r_w + S, r_w + S - 1);   // at E_w (the diagonal: the epilogue)
@@ -426,10 +453,13 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
       CUTE_UNROLL
       for (int u = 0; u < kPairs; ++u) {
         const int r = row_of(u), c = col_of(u);
-        const float2 g = g_at(r, c), g_k = g_at(r_w + S - 1, c), kv = pair_at(sK + r * LDQ + c);
+        const float2 g = *reinterpret_cast<const float2*>(g_row(u)), kv = pair_at(qk_row(sK, u));
         // 2^(G_last - G) R = 2^(G_k - G) 2^(G_last - G_k) R: one exp2 per element
-        if (u % 2 == 0) col_decay = exp2_diff(g_at(C - 1, c), g_k);
-        const float2 f = exp2_diff(g_k, g);
+        if (u % 2 == 0) {
+          col_gate = g_at(r_w + S - 1, c);
+          col_decay = exp2_diff(g_at(C - 1, c), col_gate);
+        }
+        const float2 f = exp2_diff(col_gate, g);
         const float i0 = f.x * (col_decay.x * rin[u].x), i1 = f.y * (col_decay.y * rin[u].y);
         kdi[u / 2] = u % 2 ? make_float2(kdi[u / 2].x + kv.x * i0, kdi[u / 2].y + kv.y * i1) : make_float2(kv.x * i0, kv.y * i1);
         float x0 = fmaf(f.x, acc(2 * u), i0);
