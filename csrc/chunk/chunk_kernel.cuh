@@ -177,12 +177,7 @@ __device__ __forceinline__ void store_pairs(Acc const& acc, Dst& dst) {
   using Elem = typename Dst::value_type;
   CUTE_STATIC_ASSERT_V(size(acc) == size(dst));
   CUTE_UNROLL
-  for (int i = 0; i < size(acc); i += 2) {
-    cute::array<Elem, 2> pair;
-    pair[0] = static_cast<Elem>(acc(i));
-    pair[1] = static_cast<Elem>(acc(i + 1));
-    *reinterpret_cast<uint32_t*>(&dst(i)) = *reinterpret_cast<const uint32_t*>(pair.data());
-  }
+  for (int i = 0; i < size(acc); i += 2) *reinterpret_cast<uint32_t*>(&dst(i)) = pack_pair<Elem>(acc(i), acc(i + 1));
 }
 
 template <typename Elem_, int DK, bool kGla>
