@@ -325,7 +325,6 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
     // code (instruction-cache misses were half of all stalls with it inline)
     auto slice = [&](auto exact_c) __attribute__((always_inline)) {
       constexpr bool kExact = decltype(exact_c)::value;
-      // the dq epilogue's reads of P, in flight during the folds
       const int64_t out0 = head_off + col0;
       // dq and dk leave through (C, KS) tiles of folds this variant leaves unused (the other
       // warps may still read any row of the ones it uses), each warp through its own rows
@@ -343,7 +342,7 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
           x[u] = row_of(u) < rows ? __ldg(reinterpret_cast<const float2*>(at)) : make_float2(0.f, 0.f);
         }
       };
-      load_pairs(pin, p.dq_inter);
+      load_pairs(pin, p.dq_inter);   // the dq epilogue's P, in flight during the folds
 
       // folds, shared by the warps: this thread takes rows warp + 4 m (sub-chunk m / 4) of its
       // lane's column pair
