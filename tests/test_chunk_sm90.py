@@ -55,6 +55,21 @@ def test_split_walk(T, monkeypatch):
     assert_no_worse_than_sm80(*wgmma_and_sm80(run_pair, x, monkeypatch), 0.05 * TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("gate", ["g", "g_gamma", None])
+@pytest.mark.parametrize("K,V", [(128, 128), (64, 64), (128, 256), (64, 128)])
+def test_split_walk_segment_pieces(gate, K, V, monkeypatch):
+    """B=1, one head: the states kernel writes each segment's state in pieces (for V = 64 one of
+    its two warpgroups has no value columns) and seg_fold folds them, in every pass of the
+    forward and the backward (reversed, transposed states)."""
+    sm90_or_skip()
+    x = make_inputs(1, 9000, 1, K, V, torch.bfloat16, gate)
+    monkeypatch.delenv("FLA_CUDA_CHUNK_SM90", raising=False)
+    names = cuda_kernel_names(lambda: run_pair(x))
+    assert any("chunk_states_sm90_kernel" in n for n in names), names
+    assert any("chunk_seg_fold_kernel" in n for n in names), names
+    assert_no_worse_than_sm80(*wgmma_and_sm80(run_pair, x, monkeypatch), 0.05 * TOL[torch.bfloat16])
+
+
 def test_wide_batch(monkeypatch):
     sm90_or_skip()
     x = make_inputs(4, 700, 40, 128, 128, torch.bfloat16, "g")

@@ -4,6 +4,7 @@
 
 #include "chunk/chunk.h"
 #include "chunk/chunk_sm90.h"
+#include "chunk/chunk_states_sm90.h"
 #include "chunk/gla.h"
 #include "common/cuda_check.h"
 
@@ -130,6 +131,51 @@ int pass_blocks_per_sm(const ChunkParams& p, const Tensor& like, bool sm90, bool
   return std::max(blocks, 1);
 }
 
+// The state-only launch of a split wgmma walk (chunk_states_sm90.h): every segment but the
+// last in as many pieces as fill one wave of the states kernel (segments have at least two
+// chunks: at least two pieces), folded in order into the pass's segment states.
+void launch_segment_states_sm90(const ChunkParams& p, const Tensor& like, cudaStream_t stream) {
+  int per_sm = 1;
+  FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
+    if constexpr (!std::is_same_v<Elem, float>) {
+      static const int cached[2] = {chunk_states_sm90_blocks_per_sm<Elem, 64>(),
+                                    chunk_states_sm90_blocks_per_sm<Elem, 128>()};
+      per_sm = cached[p.DK == 64 ? 0 : 1];
+    }
+  });
+  const int64_t groups = (p.DV / kChunkValueTileSm90 + 1) / 2 * p.H * p.N;   // blocks per piece
+  const int64_t wave = sm_count(like.get_device()) * int64_t(std::max(per_sm, 1));
+  const int64_t parts = std::clamp<int64_t>(wave / (groups * (p.num_segs - 1)), 1, p.seg_chunks);
+  SegStateParams sp{};
+  sp.pass = p;
+  sp.pass.state_only = true;
+  sp.pass.dots = nullptr;
+  sp.pass.ht = nullptr;
+  sp.part_chunks = static_cast<int>((p.seg_chunks + parts - 1) / parts);
+  sp.parts = (p.seg_chunks + sp.part_chunks - 1) / sp.part_chunks;
+  Tensor part_states = empty_f32(like, {p.N * p.num_segs * sp.parts, p.H, p.DK, p.DV});
+  Tensor part_gates = empty_f32(like, {p.N * p.num_segs * sp.parts, p.H});
+  sp.part_states = static_cast<float*>(part_states.data_ptr());
+  sp.part_gates = static_cast<float*>(part_gates.data_ptr());
+  FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
+    if constexpr (!std::is_same_v<Elem, float>) {
+      if (p.DK == 64) run_chunk_states_sm90<Elem, 64>(sp, stream);
+      else run_chunk_states_sm90<Elem, 128>(sp, stream);
+    }
+  });
+  SegFoldParams f{};
+  f.part_states = sp.part_states;
+  f.part_gates = sp.part_gates;
+  f.seg_states = p.seg_states;
+  f.seg_gates = p.seg_gates;
+  f.N = p.N;
+  f.H = p.H;
+  f.num_segs = p.num_segs;
+  f.parts = sp.parts;
+  f.state_elems = int64_t(p.DK) * p.DV;
+  run_chunk_seg_fold(f, stream);
+}
+
 int64_t value_tiles(int64_t dk, int64_t dv, int device) { return dv / pass_kernel(dk, dv, device).value_tile; }
 
 // chunk_offsets [N + 1] int64 (first chunk slot of each packed sequence) comes with
@@ -176,11 +222,15 @@ void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
                           : empty_f32(like, {p.N * p.num_segs, p.H});
   p.seg_states = static_cast<float*>(seg_states.data_ptr());
   p.seg_gates = static_cast<float*>(seg_gates.data_ptr());
-  ChunkParams local = p;     // segment-local states from zero, no outputs
-  local.state_only = true;
-  local.dots = nullptr;
-  local.ht = nullptr;
-  launch_pass<kGla>(local, like, kern.sm90, stream);
+  if (kern.sm90 && !kGla) {
+    launch_segment_states_sm90(p, like, stream);
+  } else {
+    ChunkParams local = p;     // segment-local states from zero, no outputs
+    local.state_only = true;
+    local.dots = nullptr;
+    local.ht = nullptr;
+    launch_pass<kGla>(local, like, kern.sm90, stream);
+  }
   launch_pass<kGla>(p, like, kern.sm90, stream);
 }
 
