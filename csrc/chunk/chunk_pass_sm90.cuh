@@ -84,6 +84,10 @@ struct Traits {
   static constexpr int kBytesNoDots = kOffF32 * int(sizeof(Elem)) + (C * BV + 4 * C) * int(sizeof(float));
   static constexpr int kBytesDots = kBytesNoDots + 2 * kV * int(sizeof(Elem));
   static constexpr int kAlign = 1024;   // the swizzle and the GMMA descriptors use absolute addresses
+  // DK = 64: two blocks per SM when the kernel keeps to 128 registers. Stated in the launch
+  // bound, not left to the compiler: an unrelated change once took it to 145 (one block per
+  // SM, the B=8, T=2048, H=32 walks in two waves: 126 against about 90 us).
+  static constexpr int kMinBlocks = DK == 64 ? 2 : 1;
 };
 
 // acc += A B over all k blocks of A (MMA, M, K) and B (MMA, N, K); zero_init overwrites acc.
@@ -133,7 +137,7 @@ __device__ __forceinline__ Elem* aligned_smem(unsigned char* smem_raw) {
 }
 
 template <typename Elem_, int DK>
-__global__ void __launch_bounds__(256, 1) chunk_pass_sm90_kernel(const __grid_constant__ ChunkParams p) {
+__global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass_sm90_kernel(const __grid_constant__ ChunkParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = Traits<Elem_, DK>;
   using Elem = typename Tr::Elem;
