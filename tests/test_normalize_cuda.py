@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fla_cuda
 from fla_cuda.ops.linear_attn import normalize_with_z_state
 from fla_cuda.ops.normalize_cuda import normalize_cuda, supports
-from tests.utils import assert_close, err_ratio, make_cu_seqlens
+from tests.utils import assert_close, cuda_kernel_names, err_ratio, make_cu_seqlens, sm90_or_skip
 
 pytestmark = pytest.mark.gpu
 
@@ -161,6 +161,34 @@ def test_public_op_takes_the_fused_path(T, K, V, lengths, monkeypatch):
     before = _two_op_run(args, cu)
     for i, (r, o, c, b) in enumerate(zip(ref, ours, composed, before)):
         assert_close(f"output {i}", r, o, max(TOL[torch.bfloat16], 1.5 * err_ratio(r, c), 1.1 * err_ratio(r, b)))
+
+
+@pytest.mark.parametrize("T,K,V,N,lengths", [(63, 128, 128, 2, None), (2049, 64, 128, 2, None),
+                                             (500, 128, 64, 4, [200, 0, 63, 237]), (20000, 128, 128, 1, None)])
+def test_backward_folds_the_normaliser_into_the_passes(T, K, V, N, lengths, monkeypatch):
+    """On sm_90 the backward's dq and dk passes add the normaliser's gradient themselves (each
+    score gains w of its row or column, each output row the carry; the dk pass's carries are
+    over chunks aligned to the sequence's end, which odd lengths and packed sequences test;
+    T = 20000 splits the walks): the separate gradient kernel does not run, and every output
+    and gradient is within 1.25x the error of the unfolded path (FLA_CUDA_CHUNK_SM90=0)
+    against fp64."""
+    sm90_or_skip()
+    cu = make_cu_seqlens(lengths, device="cuda") if lengths else None
+    args = _public_args(T, K, V, N, lengths)
+    ref = _public_run(lambda t: t.double(), args, monkeypatch, cu_seqlens=cu)
+    monkeypatch.delenv("FLA_CUDA_CHUNK_SM90", raising=False)
+    folded = []
+    names = cuda_kernel_names(lambda: folded.extend(_public_run(lambda t: t, args, monkeypatch, cu_seqlens=cu)))
+    assert not any("normalize_bwd_grads_kernel" in n for n in names), names
+    assert any("chunk_pass_sm90_kernel" in n and "true" in n for n in names), names
+    monkeypatch.setenv("FLA_CUDA_CHUNK_SM90", "0")
+    unfolded = []
+    names = cuda_kernel_names(lambda: unfolded.extend(_public_run(lambda t: t, args, monkeypatch, cu_seqlens=cu)))
+    assert any("normalize_bwd_grads_kernel" in n for n in names), names
+    for i, (r, a, b) in enumerate(zip(ref, folded, unfolded)):
+        assert torch.isfinite(a).all(), f"output {i}"
+        ea, eb = err_ratio(r, a), err_ratio(r, b)
+        assert ea <= 1.25 * eb + 0.05 * TOL[torch.bfloat16], f"output {i}: folded {ea:.3e}, unfolded {eb:.3e}"
 
 
 def test_fused_chunk_and_recurrent_normalized(monkeypatch):

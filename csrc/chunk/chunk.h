@@ -94,6 +94,16 @@ struct ChunkParams {
   float* states_out;
   const float* states_in;
   float* state_dots;
+  // Linear attention's normaliser gradient (normalize.h) folded into the dq and dk passes of
+  // its backward (wgmma pass, no gates): with w the per-token weights,
+  //   rows (dq):            P_ij += w_i,  O_i += w_i carry(chunk)
+  //   columns (dk, reverse): P_ij += w_j,  O_i += carry(chunk)
+  // (j <= i, processing order). carry(chunk) is the normaliser's carry at the chunk's start in
+  // processing order (k_carry; for the reverse walk q_carry over chunks aligned to the
+  // sequence's end), at slot chunk_offsets[n] + chunk (packed) or n * ceil(T / C) + chunk.
+  const float* norm_w;       // [B*T, H] fp32, or null: no normaliser
+  const float* norm_carry;   // [slots, H, DV] fp32
+  bool norm_by_col;
 };
 
 // Value columns per thread block: the state tile [DK, BV] stays in registers. 32 for

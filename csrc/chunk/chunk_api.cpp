@@ -101,6 +101,9 @@ void launch_pass(const ChunkParams& p, const Tensor& like, bool sm90, cudaStream
     } else if (sm90 && kGla) {
       if (p.DK == 64) run_chunk_pass_gla_sm90<Elem, 64>(p, stream);
       else run_chunk_pass_gla_sm90<Elem, 128>(p, stream);
+    } else if (sm90 && p.norm_w != nullptr) {
+      if (p.DK == 64) run_chunk_pass_sm90_norm<Elem, 64>(p, stream);
+      else run_chunk_pass_sm90_norm<Elem, 128>(p, stream);
     } else if (sm90) {
       if (p.DK == 64) run_chunk_pass_sm90<Elem, 64>(p, stream);
       else run_chunk_pass_sm90<Elem, 128>(p, stream);
@@ -202,6 +205,8 @@ int64_t check_chunk_offsets(const Tensor& q, const std::optional<Tensor>& cu_seq
 template <bool kGla = false>
 void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
   const PassKernel kern = pass_kernel(p.DK, p.DV, like.get_device());
+  STD_TORCH_CHECK(p.norm_w == nullptr || (kern.sm90 && !kGla && p.g == nullptr && p.g_gamma == nullptr),
+                  "fla_cuda: the normaliser gradient folds into the wgmma pass without gates only");
   const int64_t blocks = p.DV / kern.value_tile * p.H * p.N;
   const int64_t chunks = (int64_t(p.T) + kChunk - 1) / kChunk;
   const int64_t wave = sm_count(like.get_device()) * int64_t(pass_blocks_per_sm(p, like, kern.sm90, kGla));
@@ -274,7 +279,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
     Tensor q, Tensor k, Tensor v, std::optional<Tensor> g, std::optional<Tensor> g_gamma,
     std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens, std::optional<Tensor> chunk_offsets, Tensor dout,
     std::optional<Tensor> dht, std::optional<Tensor> dg_sink, double scale, bool need_dg, bool need_dh0) {
+  return chunk_simple_gla_bwd_impl(q, k, v, g, g_gamma, h0, cu_seqlens, chunk_offsets, dout, dht, dg_sink, scale,
+                                   need_dg, need_dh0, nullptr);
+}
+
+bool chunk_bwd_folds_norm_grad(const Tensor& q, int64_t K, int64_t V) {
+  return pass_kernel(V, K, q.get_device()).sm90;   // the dq, dk passes: head dim V, value dim K
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd_impl(
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& g,
+    const std::optional<Tensor>& g_gamma, const std::optional<Tensor>& h0, const std::optional<Tensor>& cu_seqlens,
+    const std::optional<Tensor>& chunk_offsets, const Tensor& dout, const std::optional<Tensor>& dht,
+    const std::optional<Tensor>& dg_sink, double scale, bool need_dg, bool need_dh0, const NormGrad* norm) {
   const Dims d = check_inputs(q, k, v, g, g_gamma, cu_seqlens);
+  STD_TORCH_CHECK(norm == nullptr || !need_dg, "fla_cuda: the normaliser gradient comes without dg");
   const int64_t slots = check_chunk_offsets(q, cu_seqlens, chunk_offsets, d);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   check_cuda_tensor(dout, "do", q);
@@ -305,6 +324,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
     pq.dot_with = q.data_ptr();
     pq.dots = static_cast<float*>(dq_dots.data_ptr());
   }
+  const int64_t* offsets = chunk_offsets.has_value() ? static_cast<const int64_t*>(chunk_offsets->data_ptr()) : nullptr;
+  if (norm != nullptr) {   // dq += w (k_carry + the chunk's keys up to the row)
+    pq.norm_w = norm->w;
+    pq.norm_carry = norm->k_carry;
+    pq.chunk_offsets = offsets;
+  }
   run_pass(pq, q, stream);
 
   // the two reversed passes start from dht and differ only in their operands and outputs
@@ -325,6 +350,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
   if (need_dg) {
     pk.dot_with = k.data_ptr();
     pk.dots = static_cast<float*>(dk_dots.data_ptr());
+  }
+  if (norm != nullptr) {   // dk += q_carry + the chunk's w q from the row on
+    pk.norm_w = norm->w;
+    pk.norm_carry = norm->q_carry;
+    pk.norm_by_col = true;
+    pk.chunk_offsets = offsets;
   }
   run_pass(pk, q, stream);
   ChunkParams pv = reverse_pass(k, q, dout, dv, false);

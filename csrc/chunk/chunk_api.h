@@ -30,6 +30,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd(
     std::optional<Tensor> h0, std::optional<Tensor> cu_seqlens, std::optional<Tensor> chunk_offsets, Tensor dout,
     std::optional<Tensor> dht, std::optional<Tensor> dg_sink, double scale, bool need_dg, bool need_dh0);
 
+// Linear attention's normaliser gradient (normalize.h) for the dq and dk passes of
+// chunk_simple_gla_bwd_impl to fold in (ChunkParams::norm_w): w [B*T, H], the forward's
+// key carries k_carry [slots, H, K] and the backward's q_carry [slots, H, K] over chunks
+// aligned to each sequence's end (NormalizeParams::end_aligned).
+struct NormGrad {
+  const float* w;
+  const float* k_carry;
+  const float* q_carry;
+};
+// Whether those passes run on the kernel that folds it in (the wgmma pass, sm_90, K and V in
+// {64, 128}).
+bool chunk_bwd_folds_norm_grad(const Tensor& q, int64_t K, int64_t V);
+
+// chunk_simple_gla_bwd, with the normaliser gradient folded in when norm is given (no gates,
+// no dg).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_simple_gla_bwd_impl(
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& g,
+    const std::optional<Tensor>& g_gamma, const std::optional<Tensor>& h0, const std::optional<Tensor>& cu_seqlens,
+    const std::optional<Tensor>& chunk_offsets, const Tensor& dout, const std::optional<Tensor>& dht,
+    const std::optional<Tensor>& dg_sink, double scale, bool need_dg, bool need_dh0, const NormGrad* norm);
+
 // Chunkwise GLA forward: o [B,T,H,V] (input dtype), ht [N,H,K,V] fp32 (empty unless
 // output_final_state), and what the backward reads (gla.h): q_gated, k_gated [B,T,H,K], A and
 // A_lo [B,T,H,64] (input dtype), key_decay [slots,H,K] fp32. g [B,T,H,K] log gates, fp32 or the

@@ -76,14 +76,19 @@ struct Traits {
   using LdsmAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
 
   // Shared memory in elements from a 1024-byte aligned base: two stages of q, k, v; scaled v;
-  // S^T; then fp32: X (C, BV), two stages of gates and of row divisors; the dots partner (two
-  // stages) last, allocated only when a pass has dots.
+  // S^T; then fp32: X (C, BV), two stages of gates, of row divisors (or the normaliser's
+  // weights) and of the normaliser's carry rows; the dots partner (two stages) last, allocated
+  // only when a pass has dots.
   static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK;
   static constexpr int kOffQ = 0, kOffK = 2 * kQK, kOffV = 4 * kQK, kOffVs = kOffV + 2 * kV, kOffSt = kOffVs + kV;
   static constexpr int kOffF32 = kOffSt + kSt;
-  static constexpr int kBytesNoDots = kOffF32 * int(sizeof(Elem)) + (C * BV + 4 * C) * int(sizeof(float));
-  static constexpr int kBytesDots = kBytesNoDots + 2 * kV * int(sizeof(Elem));
+  // the fp32 part in floats, padded so that the dots partner starts on a kAlign boundary (its
+  // ldmatrix reads assume the swizzle's absolute addresses)
   static constexpr int kAlign = 1024;   // the swizzle and the GMMA descriptors use absolute addresses
+  static constexpr int kF32 = (C * BV + 4 * C + 2 * BV + kAlign / 4 - 1) / (kAlign / 4) * (kAlign / 4);
+  static_assert(kOffF32 * int(sizeof(Elem)) % kAlign == 0, "the fp32 part starts aligned");
+  static constexpr int kBytesNoDots = kOffF32 * int(sizeof(Elem)) + kF32 * int(sizeof(float));
+  static constexpr int kBytesDots = kBytesNoDots + 2 * kV * int(sizeof(Elem));
   // DK = 64: two blocks per SM when the kernel keeps to 128 registers. Stated in the launch
   // bound, not left to the compiler: an unrelated change once took it to 145 (one block per
   // SM, the B=8, T=2048, H=32 walks in two waves: 126 against about 90 us).
@@ -136,7 +141,8 @@ __device__ __forceinline__ Elem* aligned_smem(unsigned char* smem_raw) {
   return reinterpret_cast<Elem*>(smem_raw + ((kAlign - misalign) & (kAlign - 1)));
 }
 
-template <typename Elem_, int DK>
+// kNorm: the pass folds in linear attention's normaliser gradient (ChunkParams::norm_w).
+template <typename Elem_, int DK, bool kNorm = false>
 __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass_sm90_kernel(const __grid_constant__ ChunkParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = Traits<Elem_, DK>;
@@ -152,12 +158,12 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   Elem* const st_buf = smem + Tr::kOffSt;   // [BV*DK] S^T in the input dtype
   float* const x_buf = reinterpret_cast<float*>(smem + Tr::kOffF32);   // [C*BV] X, thread-major
   float* const g_buf = x_buf + C * BV;                                  // [2][C] cumulative gates (log2)
-  float* const div_buf = g_buf + 2 * C;                                 // [2][C] output row divisors
-  Elem* const dot_buf = reinterpret_cast<Elem*>(div_buf + 2 * C);      // [2][C*BV] rows of dot_with
+  float* const div_buf = g_buf + 2 * C;        // [2][C] output row divisors, or the normaliser's w
+  float* const carry_buf = div_buf + 2 * C;    // [2][BV] the normaliser's carry at each chunk's start
+  Elem* const dot_buf = reinterpret_cast<Elem*>(x_buf + Tr::kF32);    // [2][C*BV] rows of dot_with
 
   const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z / p.num_segs, seg = blockIdx.z % p.num_segs;
   const bool flip = p.reverse;
-  if (p.state_only && seg == p.num_segs - 1) return;   // nobody starts after the last segment
   const bool state_wg = threadIdx.x >= kWg;            // warpgroup 1: the state; 0: the output
   const int tid = threadIdx.x % kWg, warp = tid / 32, lane = tid % 32;
   const int64_t H = p.H, DV = p.DV;
@@ -207,8 +213,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       const int64_t pos0 = seg_begin + int64_t(c) * C;
       const int rows_left = int(min(int64_t(C), len - pos0));
       const int64_t qk_off = token(pos0 + rq0) * H * DK + cq;
-      if (!p.state_only)   // the state needs k, v only
-        copy_chunk_rows<kRowsQK>(q_buf + stage * Tr::kQK, smem_off_qk, q, qk_off, qk_step, rq0, rows_left);
+      copy_chunk_rows<kRowsQK>(q_buf + stage * Tr::kQK, smem_off_qk, q, qk_off, qk_step, rq0, rows_left);
       copy_chunk_rows<kRowsQK>(k_buf + stage * Tr::kQK, smem_off_qk, k, qk_off, qk_step, rq0, rows_left);
       copy_chunk_rows<kRowsV>(v_buf + stage * Tr::kV, smem_off_v, v, token(pos0 + rv0) * H * DV + cv, v_step, rv0,
                 rows_left);
@@ -222,7 +227,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       return get<1>(tHcH(i)) * stride_k + get<0>(tHcH(i)) * stride_v;
     };
     const int64_t state_off = (int64_t(n) * H + h) * DK * DV + int64_t(tile) * BV * p.state_stride_v;
-    if (p.h0 != nullptr && !p.state_only) {
+    if (p.h0 != nullptr) {
       CUTE_UNROLL
       for (int i = 0; i < size(accH); ++i) accH(i) = p.h0[state_off + state_at(i, p.state_stride_k, p.state_stride_v)];
     } else {
@@ -230,13 +235,11 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     }
     // segment s > 0 of a split walk: fold in the segments before it, in order
     auto seg_state_off = [&](int s) { return ((int64_t(n) * p.num_segs + s) * H + h) * DK * DV + int64_t(tile) * BV; };
-    if (!p.state_only) {
-      for (int s = 0; s < seg; ++s) {
-        const float* u = p.seg_states + seg_state_off(s);
-        const float a = exp2_ftz(p.seg_gates[(int64_t(n) * p.num_segs + s) * H + h]);
-        CUTE_UNROLL
-        for (int i = 0; i < size(accH); ++i) accH(i) = a * accH(i) + u[state_at(i, DV, 1)];
-      }
+    for (int s = 0; s < seg; ++s) {
+      const float* u = p.seg_states + seg_state_off(s);
+      const float a = exp2_ftz(p.seg_gates[(int64_t(n) * p.num_segs + s) * H + h]);
+      CUTE_UNROLL
+      for (int i = 0; i < size(accH); ++i) accH(i) = a * accH(i) + u[state_at(i, DV, 1)];
     }
     Tensor sSt = make_tensor(make_smem_ptr(st_buf), typename Tr::LayoutSt{});   // (BV, DK)
     auto sts_state = make_tiled_copy_C(typename Tr::StsmAtom{}, mma_su);
@@ -248,7 +251,6 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       for (int i = 0; i < size(accH); ++i) rH(i) = static_cast<Elem>(accH(i));
       copy(sts_state, sts_state_thr.retile_S(rH), tHsSt);
     };
-    float gate_sum = 0.f;   // total log2 gate of this block's positions (state-only launch)
 
     if (num_chunks > 0) load_chunk(0, 0);
     cp_async_fence();
@@ -260,9 +262,8 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       bar_sync(kBarChunk, 2 * kWg);      // chunk c, its gates and the state copy are visible
       const float* G = g_buf + stage * C;
       const float g_last = G[C - 1];
-      gate_sum += g_last;
-      Tensor accX = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1)
-      if (!p.state_only) {   // X = Q S
+      Tensor accX = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) X = Q S
+      {
         Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
         Tensor tXrQ = thr_qk.partition_fragment_A(sQ);                       // (MMA, 1, DK/16)
         Tensor tXrSt = thr_qk.partition_fragment_B(sSt);                     // (MMA, 1, DK/16)
@@ -272,7 +273,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       cp_async_fence();
       // V scaled by its decay to the chunk end, for the state update
       scale_rows_to_chunk_end<kRowsV>(v_buf + stage * Tr::kV, vs_buf, smem_off_v, G, rv0, p.scale_update);
-      if (!p.state_only) {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
+      {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
         warpgroup_wait<0>();
         fence_operand(accX);
         const float w[2] = {exp2_ftz(G[r0]) * p.scale_inter, exp2_ftz(G[r0 + 8]) * p.scale_inter};
@@ -294,16 +295,9 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       wgmma_issue(mma_su, tHrVs, tHrK, accH, false);
       warpgroup_wait<0>();
       fence_operand(accH);
-      if (!p.state_only) store_state_smem();   // read by the next chunk's X, after its barrier
+      store_state_smem();   // read by the next chunk's X, after its barrier
     }
 
-    if (p.state_only) {
-      float* u = p.seg_states + seg_state_off(seg);
-      CUTE_UNROLL
-      for (int i = 0; i < size(accH); ++i) u[state_at(i, DV, 1)] = accH(i);
-      if (tile == 0 && tid == 0) p.seg_gates[(int64_t(n) * p.num_segs + seg) * H + h] = gate_sum;
-      return;
-    }
     if (p.ht != nullptr && seg == p.num_segs - 1) {
       // reverse: the first step's gate still applies (dL/dS_{-1} = exp(g_0) dL/dS_0)
       const float a = (flip && len > 0) ? __expf(fmaxf(raw_gate_at_token(p, h, bos), kMinLogGate)) : 1.f;
@@ -316,16 +310,25 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     typename Tr::MmaPV mma_pv;
     auto thr_pv = mma_pv.get_thread_slice(tid);
     const Elem* other = static_cast<const Elem*>(p.dot_with) + h * DV + tile * BV;
-    auto load_chunk = [&](int c, int stage) {   // what the epilogue reads: dots partner, divisors
+    // the normaliser's carry rows: slot of the walk's first chunk
+    const int64_t norm_slot0 = p.chunk_offsets != nullptr ? p.chunk_offsets[n] + seg_begin / C
+                                                          : int64_t(n) * ((p.T + C - 1) / C) + seg_begin / C;
+    static_assert(C + BV == kWg && BV == C, "the normaliser's loads: a thread per row, then per column");
+    // what the epilogue reads: dots partner, divisors (or the normaliser's weights and carry)
+    auto load_chunk = [&](int c, int stage) {
       const int64_t pos0 = seg_begin + int64_t(c) * C;
       const int rows_left = int(min(int64_t(C), len - pos0));
       if (p.dots != nullptr)   // the dot partner has v's layout
         copy_chunk_rows<kRowsV>(dot_buf + stage * Tr::kV, smem_off_v, other, token(pos0 + rv0) * H * DV + cv, v_step,
                   rv0, rows_left);
-      if (p.o_row_div != nullptr && tid < C) {   // zeros past the end
+      const float* row_vals = kNorm ? p.norm_w : p.o_row_div;
+      if (row_vals != nullptr && tid < C) {   // zeros past the end
         const bool valid = tid < rows_left;
-        cp_async_4(div_buf + stage * C + tid, p.o_row_div + (valid ? token(pos0 + tid) * H + h : 0), valid);
+        cp_async_4(div_buf + stage * C + tid, row_vals + (valid ? token(pos0 + tid) * H + h : 0), valid);
       }
+      if (kNorm && tid >= C)
+        cp_async_4(carry_buf + stage * BV + (tid - C),
+                   p.norm_carry + ((norm_slot0 + c) * H + h) * DV + tile * BV + (tid - C), true);
     };
     auto sts_o = make_tiled_copy_C(typename Tr::StsmAtom{}, mma_qk);
     auto sts_o_thr = sts_o.get_thread_slice(tid);
@@ -345,26 +348,13 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     };
 
     if (num_chunks > 0) {
-      if (!p.state_only) load_chunk(0, 0);
+      load_chunk(0, 0);
       if (warp == 0) {   // chunk 0's gates
         fetch_gates(0);
         scan_gates(0);
       }
     }
     cp_async_fence();
-    if (p.state_only) {   // the gates only (a loop of its own: a branch between a wgmma and its
-                          // wait made ptxas serialize them), fetched two chunks ahead: the
-                          // state update alone is shorter than a load
-      if (warp == 0 && num_chunks > 1) fetch_gates(1);
-      for (int c = 0; c < num_chunks; ++c) {
-        bar_sync(kBarChunk, 2 * kWg);
-        if (warp == 0 && c + 1 < num_chunks) {
-          scan_gates((c + 1) & 1);
-          if (c + 2 < num_chunks) fetch_gates(c + 2);
-        }
-      }
-      return;
-    }
     for (int c = 0; c < num_chunks; ++c) {
       const int stage = c & 1;
       cp_async_wait<0>();
@@ -390,7 +380,16 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         // P = S_qk * D * scale_intra, in the accumulator layout read as the A operand
         Tensor rP = make_tensor<Elem>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<C / 16>>,
                                              Stride<Stride<_1, _2, _4>, _0, _8>>{});   // (MMA, 1, C/16)
-        decay_mask_scores(accS, G, r0, c0, p.scale_intra, [&](int i, float x) { rP(i) = static_cast<Elem>(x); });
+        auto put_p = [&](int i, float x) { rP(i) = static_cast<Elem>(x); };
+        if constexpr (kNorm) {   // + w of the row (dq) or of the column (dk), before the mask
+          const float* w = div_buf + stage * C;
+          const float w_row[2] = {w[r0], w[r0 + 8]};
+          const bool by_col = p.norm_by_col;
+          decay_mask_scores(accS, G, r0, c0, p.scale_intra, put_p,
+                            [&](int h8, int col) { return by_col ? w[col] : w_row[h8]; });
+        } else {
+          decay_mask_scores(accS, G, r0, c0, p.scale_intra, put_p);
+        }
         Tensor accO = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) O
         Tensor tOrV = thr_pv.partition_fragment_B(sVt);                         // (MMA, 1, C/16)
         wgmma_issue(mma_pv, rP, tOrV, accO, true);
@@ -404,6 +403,20 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
           accO(4 * j + 1) += x.y;
           accO(4 * j + 2) += x.z;
           accO(4 * j + 3) += x.w;
+        }
+        if constexpr (kNorm) {   // + the carry, times w of the row (dq) or not (dk)
+          const float* w = div_buf + stage * C;
+          const float* carry = carry_buf + stage * BV;
+          const float f[2] = {p.norm_by_col ? 1.f : w[r0], p.norm_by_col ? 1.f : w[r0 + 8]};
+          CUTE_UNROLL
+          for (int nb = 0; nb < BV / 8; ++nb) {
+            const float2 cr = *reinterpret_cast<const float2*>(carry + c0 + 8 * nb);
+            CUTE_UNROLL
+            for (int h8 = 0; h8 < 2; ++h8) {
+              accO(4 * nb + 2 * h8) += f[h8] * cr.x;
+              accO(4 * nb + 2 * h8 + 1) += f[h8] * cr.y;
+            }
+          }
         }
         // Epilogue. Optional per-row dot products with another tensor (dg of the backward).
         if (p.dots != nullptr) {   // partner rows were prefetched with the chunk (zeros past the end)
@@ -430,16 +443,26 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
 
 }  // namespace chunk_sm90
 
-template <typename Elem, int DK>
-void run_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream) {
+template <typename Elem, int DK, bool kNorm>
+void launch_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream) {
   using Tr = chunk_sm90::Traits<Elem, DK>;
-  auto kernel = chunk_sm90::chunk_pass_sm90_kernel<Elem, DK>;
+  auto kernel = chunk_sm90::chunk_pass_sm90_kernel<Elem, DK, kNorm>;
   const int smem = (p.dots != nullptr ? Tr::kBytesDots : Tr::kBytesNoDots) + Tr::kAlign;
   FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kBytesDots + Tr::kAlign));
   const dim3 grid(p.DV / Tr::BV, p.H, p.N * p.num_segs);
   if (grid.x * grid.y * grid.z == 0) return;
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
   FLA_CHECK_LAUNCH();
+}
+
+template <typename Elem, int DK>
+void run_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream) {
+  launch_chunk_pass_sm90<Elem, DK, false>(p, stream);
+}
+
+template <typename Elem, int DK>
+void run_chunk_pass_sm90_norm(const ChunkParams& p, cudaStream_t stream) {
+  launch_chunk_pass_sm90<Elem, DK, true>(p, stream);
 }
 
 template <typename Elem, int DK>

@@ -15,6 +15,11 @@ constexpr int kChunkValueTileSm90 = 64;
 template <typename Elem, int DK>
 void run_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream);
 
+// The pass with linear attention's normaliser gradient folded in (ChunkParams::norm_w; no
+// gates): the dq and dk passes of chunk_linear_attn(normalize=True)'s backward.
+template <typename Elem, int DK>
+void run_chunk_pass_sm90_norm(const ChunkParams& p, cudaStream_t stream);
+
 // GLA mode of the pass (chunk_pass_gla_sm90.cuh): same conditions, one block per SM.
 template <typename Elem, int DK>
 void run_chunk_pass_gla_sm90(const ChunkParams& p, cudaStream_t stream);

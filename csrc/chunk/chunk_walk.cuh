@@ -4,6 +4,8 @@
 #pragma once
 #include <cute/tensor.hpp>
 
+#include <type_traits>
+
 #include "chunk/chunk.h"
 
 namespace fla {
@@ -125,13 +127,17 @@ __device__ __forceinline__ void scale_rows_to_chunk_end(const Elem* src, Elem* d
   }
 }
 
+// No term added to the scores (decay_mask_scores).
+struct NoScoreTerm {};
+
 // The decayed, causally masked scores P = (Q K^T) * D * scale of one thread's m16n8
 // accumulator values of a (C, C) tile: value 4 nb + 2 h8 + e sits at row r0 + 8 h8, column
 // c0 + 8 nb + e. put(i, x) receives each; the mask is a select, not a branch (a branch per
-// element cost a third of the SM80 walk).
-template <class Acc, class Put>
+// element cost a third of the SM80 walk). term(h8, column), when given, is added to each
+// score before the mask.
+template <class Acc, class Put, class Term = NoScoreTerm>
 __device__ __forceinline__ void decay_mask_scores(Acc const& acc, const float* G, int r0, int c0, float scale,
-                                                  Put&& put) {
+                                                  Put&& put, Term term = {}) {
   const float g_row[2] = {G[r0], G[r0 + 8]};
   CUTE_UNROLL
   for (int nb = 0; nb < kChunk / 8; ++nb) {
@@ -141,7 +147,8 @@ __device__ __forceinline__ void decay_mask_scores(Acc const& acc, const float* G
       CUTE_UNROLL
       for (int h8 = 0; h8 < 2; ++h8) {
         const int i = nb * 4 + h8 * 2 + e;
-        const float x = acc(i) * exp2_ftz(g_row[h8] - (e ? g_col.y : g_col.x)) * scale;
+        float x = acc(i) * exp2_ftz(g_row[h8] - (e ? g_col.y : g_col.x)) * scale;
+        if constexpr (!std::is_same_v<Term, NoScoreTerm>) x += term(h8, c0 + 8 * nb + e);
         put(i, c0 + 8 * nb + e <= r0 + 8 * h8 ? x : 0.f);
       }
     }

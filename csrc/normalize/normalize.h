@@ -57,6 +57,10 @@ struct NormalizeParams {
   float* dz0;
   float* w;
   float* q_carry;       // totals of w_t q_t, then the sum after each chunk (+ dz_final)
+  // backward: chunks aligned to each sequence's end, counted from it (chunk j holds tokens
+  // [end - C (j + 1), end - C j)), as the reverse chunk pass walks them; set when that pass
+  // takes q_carry (ChunkParams::norm_carry), and then only run_normalize_bwd_dots runs
+  bool end_aligned;
 };
 
 template <typename T>
@@ -64,7 +68,9 @@ void run_normalize_fwd(const NormalizeParams& p, cudaStream_t stream);
 
 // The backward in two halves: w, do_raw and the reverse carries of w q (+ dz_final, into
 // dz0); then dq, dk. Between them the chunk pass's backward can run on do_raw, and its dq, dk
-// take the normaliser's in place (accumulate).
+// take the normaliser's in place (accumulate); or, on the wgmma pass, its dq and dk passes fold
+// the normaliser's in from w and the carries (ChunkParams::norm_w, end_aligned above), and the
+// second half does not run.
 template <typename T>
 void run_normalize_bwd_dots(const NormalizeParams& p, cudaStream_t stream);
 

@@ -156,12 +156,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_attn_normalized_bwd(
   check_rows(v, "v", q, p);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   p.dots_of_output = true;
+  // On the wgmma pass the dq and dk passes add the normaliser's gradient themselves (its
+  // reverse carries then over chunks aligned as the dk pass walks them); else a kernel adds
+  // it to theirs.
+  const bool fold = chunk_bwd_folds_norm_grad(q, p.K, p.V);
+  p.end_aligned = fold;
   const BwdDots r = run_bwd_dots(p, q, o, "o", den, k_carry, dout, dz_final);
-  auto [dq, dk, dv, dg, dh0] = chunk_simple_gla_bwd(q, k, v, std::nullopt, std::nullopt, h0, cu_seqlens,
-                                                    chunk_offsets, r.do_raw, dht, std::nullopt, scale, false,
-                                                    need_dh0);
-  p.accumulate = true;   // the normaliser's dq, dk go onto the chunk pass's
-  run_bwd_grads(p, q, dq, dk);
+  const NormGrad norm{static_cast<const float*>(r.w.data_ptr()), static_cast<const float*>(k_carry.data_ptr()),
+                      static_cast<const float*>(r.q_carry.data_ptr())};
+  auto [dq, dk, dv, dg, dh0] = chunk_simple_gla_bwd_impl(q, k, v, std::nullopt, std::nullopt, h0, cu_seqlens,
+                                                         chunk_offsets, r.do_raw, dht, std::nullopt, scale, false,
+                                                         need_dh0, fold ? &norm : nullptr);
+  if (!fold) {
+    p.accumulate = true;   // the normaliser's dq, dk go onto the chunk pass's
+    run_bwd_grads(p, q, dq, dk);
+  }
   return {dq, dk, dv, dh0, r.dz0};
 }
 

@@ -63,24 +63,34 @@ struct Span {
 
 __device__ __forceinline__ Span chunk_span(const NormalizeParams& p, int64_t chunk) {
   Span s{0, 0, 0, false};
+  int64_t bos, eos, j;   // the sequence's rows and the chunk's index in it
   if (!p.cu_seqlens) {
     const int64_t per_seq = (p.T + C - 1) / C;
     s.n = static_cast<int>(chunk / per_seq);
-    s.t0 = static_cast<int64_t>(s.n) * p.T + (chunk % per_seq) * C;
-    s.t1 = min(static_cast<int64_t>(s.n) * p.T + p.T, s.t0 + C);
+    bos = static_cast<int64_t>(s.n) * p.T;
+    eos = bos + p.T;
+    j = chunk % per_seq;
     s.ok = s.n < p.N;
-    return s;
+  } else {
+    if (chunk >= p.chunk_offsets[p.N]) return s;
+    int lo = 0, hi = p.N - 1;  // the last sequence whose first chunk is <= chunk (skips empty ones)
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.chunk_offsets[mid] <= chunk) lo = mid; else hi = mid - 1;
+    }
+    s.n = lo;
+    bos = p.cu_seqlens[lo];
+    eos = p.cu_seqlens[lo + 1];
+    j = chunk - p.chunk_offsets[lo];
+    s.ok = true;
   }
-  if (chunk >= p.chunk_offsets[p.N]) return s;
-  int lo = 0, hi = p.N - 1;  // the last sequence whose first chunk is <= chunk (skips empty ones)
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (p.chunk_offsets[mid] <= chunk) lo = mid; else hi = mid - 1;
+  if (p.end_aligned) {
+    s.t1 = eos - j * C;
+    s.t0 = max(bos, s.t1 - C);
+  } else {
+    s.t0 = bos + j * C;
+    s.t1 = min(eos, s.t0 + C);
   }
-  s.n = lo;
-  s.t0 = p.cu_seqlens[lo] + (chunk - p.chunk_offsets[lo]) * C;
-  s.t1 = min(p.cu_seqlens[lo + 1], s.t0 + C);
-  s.ok = true;
   return s;
 }
 
@@ -699,8 +709,9 @@ void run_normalize_bwd_dots(const NormalizeParams& p, cudaStream_t stream) {
     FLA_KEY_VECTORS_SWITCH(vr, kVR, [&] { normalize_bwd_dots_kernel<T, kVR><<<grid, kThreads, 0, stream>>>(p); });
     FLA_CHECK_LAUNCH();
   }
-  if (p.N > 0) {
-    carry_scan_kernel<true><<<scan_blocks(p), kThreads, 0, stream>>>(p, p.q_carry, p.dz_final, p.dz0);
+  if (p.N > 0) {   // the sums after each chunk, from the last one (end_aligned: chunk 0)
+    const auto scan = p.end_aligned ? carry_scan_kernel<false> : carry_scan_kernel<true>;
+    scan<<<scan_blocks(p), kThreads, 0, stream>>>(p, p.q_carry, p.dz_final, p.dz0);
     FLA_CHECK_LAUNCH();
   }
 }
