@@ -399,24 +399,31 @@ __device__ __forceinline__ void chunk_dens_vec(const NormalizeParams& p, const S
   }
 }
 
-template <typename T, int kVR>
+// kWithO: o = o_raw / den too (the standalone normaliser); without, den only (the fused op,
+// whose chunk pass divides as it stores o): a kernel of its own, the o rows' registers would
+// otherwise halve its blocks per SM.
+template <typename T, int kVR, bool kWithO>
 __global__ void __launch_bounds__(kThreads) normalize_fwd_kernel(const NormalizeParams p) {
   __shared__ float s_den[C];
   const Span s = chunk_span(p, blockIdx.x);
   if (!s.ok) return;
   const int h = blockIdx.y;
+  if constexpr (!kWithO) {
+    if constexpr (kVR > 0) chunk_dens_vec<T, kVR>(p, s, h, s_den);
+    else chunk_dens<T>(p, s, h, s_den);
+    return;
+  }
   const int nt = static_cast<int>(s.t1 - s.t0);
   const T* o_raw = static_cast<const T*>(p.o_raw);
   T* o = static_cast<T*>(p.o);
   using RV = RowVectors<T>;
   const RV rv(p, s.t0, nt);
-  const bool vec = o != nullptr && RV::usable(p, o_raw, o);
+  const bool vec = RV::usable(p, o_raw, o);
   uint4 ov[RV::kPerThread];
   if (vec) rv.load(p, o_raw, h, 0, ov);  // in flight during the key sums
 
   if constexpr (kVR > 0) chunk_dens_vec<T, kVR>(p, s, h, s_den);
   else chunk_dens<T>(p, s, h, s_den);
-  if (o == nullptr) return;   // den only
   __syncthreads();
   if (vec) {
     for (int round = 0; round < rv.rounds(); ++round) {
@@ -695,7 +702,10 @@ void run_normalize_fwd(const NormalizeParams& p, cudaStream_t stream) {
     FLA_CHECK_LAUNCH();
   }
   if (p.chunks > 0) {
-    FLA_KEY_VECTORS_SWITCH(vr, kVR, [&] { normalize_fwd_kernel<T, kVR><<<grid, kThreads, 0, stream>>>(p); });
+    FLA_KEY_VECTORS_SWITCH(vr, kVR, [&] {
+      const auto kernel = p.o != nullptr ? normalize_fwd_kernel<T, kVR, true> : normalize_fwd_kernel<T, kVR, false>;
+      kernel<<<grid, kThreads, 0, stream>>>(p);
+    });
     FLA_CHECK_LAUNCH();
   }
 }
