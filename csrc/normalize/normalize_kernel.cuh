@@ -141,28 +141,34 @@ __device__ __forceinline__ float chunk_total(const T* x, const float* w, const S
   return acc;
 }
 
+// Threads per block of the carry scan: small blocks spread its few threads over every SM.
+constexpr int kScanThreads = 64;
+
 // Per-sequence exclusive scan of chunk totals [chunks, H, K], in place, in chunk order
 // (forward) or from the last chunk (reverse), starting from init [N, H, K] (or 0); the
 // sum over every chunk goes to last [N, H, K]. One thread per (sequence, head, channel).
 template <bool kReverse>
-__global__ void __launch_bounds__(kThreads) carry_scan_kernel(const NormalizeParams p, float* carry,
+__global__ void __launch_bounds__(kScanThreads) carry_scan_kernel(const NormalizeParams p, float* carry,
                                                               const float* init, float* last) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kScanThreads + threadIdx.x;
   if (idx >= static_cast<int64_t>(p.N) * p.H * p.K) return;
   const int e = static_cast<int>(idx % p.K), h = static_cast<int>((idx / p.K) % p.H);
   const int n = static_cast<int>(idx / (static_cast<int64_t>(p.H) * p.K));
   int64_t c0, c1;
   sequence_slots<C>(n, p.cu_seqlens, p.chunk_offsets, p.T, c0, c1);
   float acc = init ? init[idx] : 0.f;
-  for (int64_t i0 = 0; i0 < c1 - c0; i0 += kUnroll) {
-    float tot[kUnroll];
+  // 32 chunks' totals loaded per round: a round costs one memory latency, and there are only
+  // N * H * K threads (8192 at B=4, H=16, K=128: 8 loads a round took 7-11 us at T=4096)
+  constexpr int kScanUnroll = 32;
+  for (int64_t i0 = 0; i0 < c1 - c0; i0 += kScanUnroll) {
+    float tot[kScanUnroll];
 #pragma unroll
-    for (int j = 0; j < kUnroll; ++j) {  // loads first: they do not wait on the running sum
+    for (int j = 0; j < kScanUnroll; ++j) {  // loads first: they do not wait on the running sum
       const int64_t c = kReverse ? c1 - 1 - (i0 + j) : c0 + i0 + j;
       tot[j] = i0 + j < c1 - c0 ? carry[(c * p.H + h) * p.K + e] : 0.f;
     }
 #pragma unroll
-    for (int j = 0; j < kUnroll; ++j) {
+    for (int j = 0; j < kScanUnroll; ++j) {
       if (i0 + j < c1 - c0) {
         const int64_t c = kReverse ? c1 - 1 - (i0 + j) : c0 + i0 + j;
         carry[(c * p.H + h) * p.K + e] = acc;
@@ -456,7 +462,7 @@ __global__ void __launch_bounds__(kThreads) normalize_fwd_kernel(const Normalize
 // w_t q_t per channel. With dots_of_output, o_raw holds o = o_raw / den: <do, o_raw> / den^2
 // is <do, o> / den.
 template <typename T, int kVR>
-__global__ void __launch_bounds__(kThreads) normalize_bwd_dots_kernel(const NormalizeParams p) {
+__global__ void __launch_bounds__(kThreads, 4) normalize_bwd_dots_kernel(const NormalizeParams p) {
   using RV = RowVectors<T>;
   using KT = KeyTile<T, (kVR > 0 ? kVR : 4)>;   // (unused when kVR == 0)
   __shared__ float s_w[C];
@@ -660,7 +666,7 @@ __global__ void __launch_bounds__(kThreads, kVR * 16 / int(sizeof(T)) >= 256 ? 1
 }
 
 inline unsigned scan_blocks(const NormalizeParams& p) {
-  return static_cast<unsigned>((static_cast<int64_t>(p.N) * p.H * p.K + kThreads - 1) / kThreads);
+  return static_cast<unsigned>((static_cast<int64_t>(p.N) * p.H * p.K + kScanThreads - 1) / kScanThreads);
 }
 
 // 16-byte vectors per key row when the vector path takes the key-dim tensors at these
@@ -698,7 +704,7 @@ void run_normalize_fwd(const NormalizeParams& p, cudaStream_t stream) {
     FLA_CHECK_LAUNCH();
   }
   if (p.N > 0) {
-    carry_scan_kernel<false><<<scan_blocks(p), kThreads, 0, stream>>>(p, p.k_carry, p.z0, p.z_final);
+    carry_scan_kernel<false><<<scan_blocks(p), kScanThreads, 0, stream>>>(p, p.k_carry, p.z0, p.z_final);
     FLA_CHECK_LAUNCH();
   }
   if (p.chunks > 0) {
@@ -721,7 +727,7 @@ void run_normalize_bwd_dots(const NormalizeParams& p, cudaStream_t stream) {
   }
   if (p.N > 0) {   // the sums after each chunk, from the last one (end_aligned: chunk 0)
     const auto scan = p.end_aligned ? carry_scan_kernel<false> : carry_scan_kernel<true>;
-    scan<<<scan_blocks(p), kThreads, 0, stream>>>(p, p.q_carry, p.dz_final, p.dz0);
+    scan<<<scan_blocks(p), kScanThreads, 0, stream>>>(p, p.q_carry, p.dz_final, p.dz0);
     FLA_CHECK_LAUNCH();
   }
 }
