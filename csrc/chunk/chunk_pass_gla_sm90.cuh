@@ -353,11 +353,8 @@ template <typename Elem, int DK>
 void run_chunk_pass_gla_sm90(const ChunkParams& p, cudaStream_t stream) {
   using Tr = chunk_sm90::GlaTraits<Elem, DK>;
   auto kernel = chunk_sm90::chunk_pass_gla_sm90_kernel<Elem, DK>;
-  FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kBytes + Tr::kAlign));
-  const dim3 grid(p.DV / Tr::BV, p.H, p.N * p.num_segs);
-  if (grid.x * grid.y * grid.z == 0) return;
-  kernel<<<grid, Tr::kThreads, Tr::kBytes + Tr::kAlign, stream>>>(p);
-  FLA_CHECK_LAUNCH();
+  launch_with_smem(kernel, dim3(p.DV / Tr::BV, p.H, p.N * p.num_segs), Tr::kThreads, Tr::kBytes + Tr::kAlign,
+                   Tr::kBytes + Tr::kAlign, stream, p);
 }
 
 }  // namespace fla

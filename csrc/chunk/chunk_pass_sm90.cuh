@@ -31,6 +31,7 @@
 #include "chunk/chunk_sm90.h"
 #include "chunk/chunk_walk.cuh"
 #include "common/cuda_check.h"
+#include "common/launch.cuh"
 
 namespace fla {
 namespace chunk_sm90 {
@@ -448,11 +449,8 @@ void launch_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream) {
   using Tr = chunk_sm90::Traits<Elem, DK>;
   auto kernel = chunk_sm90::chunk_pass_sm90_kernel<Elem, DK, kNorm>;
   const int smem = (p.dots != nullptr ? Tr::kBytesDots : Tr::kBytesNoDots) + Tr::kAlign;
-  FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kBytesDots + Tr::kAlign));
-  const dim3 grid(p.DV / Tr::BV, p.H, p.N * p.num_segs);
-  if (grid.x * grid.y * grid.z == 0) return;
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
-  FLA_CHECK_LAUNCH();
+  launch_with_smem(kernel, dim3(p.DV / Tr::BV, p.H, p.N * p.num_segs), Tr::kThreads, smem, Tr::kBytesDots + Tr::kAlign,
+                   stream, p);
 }
 
 template <typename Elem, int DK>

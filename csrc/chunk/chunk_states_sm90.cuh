@@ -159,12 +159,9 @@ void run_chunk_states_sm90(const SegStateParams& sp, cudaStream_t stream) {
   using Tr = chunk_sm90::StatesTraits<Elem, DK>;
   auto kernel = chunk_sm90::chunk_states_sm90_kernel<Elem, DK>;
   const int smem = Tr::kBytes + Tr::kAlign;
-  FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const ChunkParams& p = sp.pass;
   const dim3 grid((p.DV / Tr::BV + Tr::kWgs - 1) / Tr::kWgs, p.H, p.N * (p.num_segs - 1) * sp.parts);
-  if (grid.x * grid.y * grid.z == 0) return;
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(sp);
-  FLA_CHECK_LAUNCH();
+  launch_with_smem(kernel, grid, Tr::kThreads, smem, smem, stream, sp);
 }
 
 template <typename Elem, int DK>
