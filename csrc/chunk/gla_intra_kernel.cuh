@@ -308,6 +308,7 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
     CUTE_UNROLL
     for (int i = 0; i < size(accS); ++i) accS(i) -= static_cast<float>(static_cast<Elem>(accS(i)));
     store_pairs(accS, tSsA);
+    __syncwarp();   // the diagonal block's zeros above, then its values by other lanes (racecheck)
     CUTE_UNROLL
     for (int jj = 0; jj < 8; ++jj)
       sQhT(r_ref + di, r_ref + dj0 + jj) = static_cast<Elem>(diag[jj] - static_cast<float>(static_cast<Elem>(diag[jj])));
