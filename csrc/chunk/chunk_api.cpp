@@ -23,6 +23,18 @@ struct Dims {
 
 bool is_chunk_head_dim(int64_t d) { return d == 64 || d == 128 || d == 256; }
 
+// launch(Elem{}) for q's dtype, float16 or bfloat16 (the chunk kernels' inputs); float is an error.
+template <typename Launch>
+void half_dtype_switch(const Tensor& q, Launch&& launch) {
+  FLA_DTYPE_SWITCH(dtype_of(q, "q"), Elem, [&] {
+    if constexpr (std::is_same_v<Elem, float>) {
+      STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
+    } else {
+      launch(Elem{});
+    }
+  });
+}
+
 Dims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& g,
                   const std::optional<Tensor>& g_gamma, const std::optional<Tensor>& cu_seqlens) {
   check_cuda_tensor(q, "q", q);
@@ -95,10 +107,9 @@ PassKernel pass_kernel(int64_t dk, int64_t dv, int device) {
 
 template <bool kGla>
 void launch_pass(const ChunkParams& p, const Tensor& like, bool sm90, cudaStream_t stream) {
-  FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
-    if constexpr (std::is_same_v<Elem, float>) {
-      STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
-    } else if (sm90 && kGla) {
+  half_dtype_switch(like, [&](auto e) {
+    using Elem = decltype(e);
+    if (sm90 && kGla) {
       if (p.DK == 64) run_chunk_pass_gla_sm90<Elem, 64>(p, stream);
       else run_chunk_pass_gla_sm90<Elem, 128>(p, stream);
     } else if (sm90 && p.norm_w != nullptr) {
@@ -139,12 +150,11 @@ int pass_blocks_per_sm(const ChunkParams& p, const Tensor& like, bool sm90, bool
 // chunks: at least two pieces), folded in order into the pass's segment states.
 void launch_segment_states_sm90(const ChunkParams& p, const Tensor& like, cudaStream_t stream) {
   int per_sm = 1;
-  FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
-    if constexpr (!std::is_same_v<Elem, float>) {
-      static const int cached[2] = {chunk_states_sm90_blocks_per_sm<Elem, 64>(),
-                                    chunk_states_sm90_blocks_per_sm<Elem, 128>()};
-      per_sm = cached[p.DK == 64 ? 0 : 1];
-    }
+  half_dtype_switch(like, [&](auto e) {
+    using Elem = decltype(e);
+    static const int cached[2] = {chunk_states_sm90_blocks_per_sm<Elem, 64>(),
+                                  chunk_states_sm90_blocks_per_sm<Elem, 128>()};
+    per_sm = cached[p.DK == 64 ? 0 : 1];
   });
   const int64_t groups = (p.DV / kChunkValueTileSm90 + 1) / 2 * p.H * p.N;   // blocks per piece
   const int64_t wave = sm_count(like.get_device()) * int64_t(std::max(per_sm, 1));
@@ -160,11 +170,10 @@ void launch_segment_states_sm90(const ChunkParams& p, const Tensor& like, cudaSt
   Tensor part_gates = empty_f32(like, {p.N * p.num_segs * sp.parts, p.H});
   sp.part_states = static_cast<float*>(part_states.data_ptr());
   sp.part_gates = static_cast<float*>(part_gates.data_ptr());
-  FLA_DTYPE_SWITCH(dtype_of(like, "q"), Elem, [&] {
-    if constexpr (!std::is_same_v<Elem, float>) {
-      if (p.DK == 64) run_chunk_states_sm90<Elem, 64>(sp, stream);
-      else run_chunk_states_sm90<Elem, 128>(sp, stream);
-    }
+  half_dtype_switch(like, [&](auto e) {
+    using Elem = decltype(e);
+    if (p.DK == 64) run_chunk_states_sm90<Elem, 64>(sp, stream);
+    else run_chunk_states_sm90<Elem, 128>(sp, stream);
   });
   SegFoldParams f{};
   f.part_states = sp.part_states;
@@ -413,17 +422,6 @@ void fill_gla_inputs(GlaChunkInputs& p, const Tensor& q, const Tensor& k, const 
   p.scale = static_cast<float>(scale);
 }
 
-template <typename Launch>
-void gla_dtype_switch(const Tensor& q, Launch&& launch) {
-  FLA_DTYPE_SWITCH(dtype_of(q, "q"), Elem, [&] {
-    if constexpr (std::is_same_v<Elem, float>) {
-      STD_TORCH_CHECK(false, "fla_cuda: the chunk kernels take float16 or bfloat16");
-    } else {
-      launch(Elem{});
-    }
-  });
-}
-
 }  // namespace
 
 // GLA: gla_intra (gated q, k, scores, key decays), then the pass in GLA mode (gla.h).
@@ -462,7 +460,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_fwd
   p.chunk_offsets = offsets;
 
   cudaStream_t stream = current_stream(q);
-  gla_dtype_switch(q, [&](auto e) {
+  half_dtype_switch(q, [&](auto e) {
     using Elem = decltype(e);
     switch (d.K) {
       case 64: run_gla_intra<Elem, 64>(ip, stream); break;
@@ -570,7 +568,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> chunk_gla_bwd(
   ip.dg = dg.data_ptr();
   ip.K = static_cast<int>(d.K);
   ip.V = static_cast<int>(d.V);
-  gla_dtype_switch(q, [&](auto e) { run_gla_bwd_intra<decltype(e)>(ip, stream); });
+  half_dtype_switch(q, [&](auto e) { run_gla_bwd_intra<decltype(e)>(ip, stream); });
   return {dq, dk, dv, dg, dh0};
 }
 

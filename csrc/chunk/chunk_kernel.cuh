@@ -239,9 +239,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
   }
   // GLA: the chunk's slot is its segment's first slot plus its chunk index in the segment
   // (the first slot is read once: chunk_offsets is a global load in front of the decay copy)
-  const int64_t seg_slot0 = kGla ? (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
-                                       int64_t(seg) * p.seg_chunks
-                                 : 0;
+  const int64_t seg_slot0 = kGla ? walk_first_slot(p, n, seg_begin) : 0;
   auto slot_of = [&](int c) { return seg_slot0 + time_chunk(c); };
   // GLA: one decay per key row, or per state column (decay_cols: tile columns of DV)
   const int64_t decay_dim = kGla && p.decay_cols ? DV : DK;

@@ -71,8 +71,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
   auto token = [&](int64_t pos) { return bos + pos; };
   auto time_chunk = [&](int c) { return reversed ? num_chunks - 1 - c : c; };
   auto pos0_of = [&](int c) { return seg_begin + int64_t(time_chunk(c)) * C; };
-  const int64_t seg_slot0 = (p.cu_seqlens != nullptr ? p.chunk_offsets[n] : int64_t(n) * ((p.T + C - 1) / C)) +
-                            int64_t(seg) * p.seg_chunks;
+  const int64_t seg_slot0 = chunk::walk_first_slot(p, n, seg_begin);
   auto slot_of = [&](int c) { return seg_slot0 + time_chunk(c); };
   const int decay_dim = p.decay_cols ? p.DV : DK;
 

@@ -311,9 +311,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     typename Tr::MmaPV mma_pv;
     auto thr_pv = mma_pv.get_thread_slice(tid);
     const Elem* other = static_cast<const Elem*>(p.dot_with) + h * DV + tile * BV;
-    // the normaliser's carry rows: slot of the walk's first chunk
-    const int64_t norm_slot0 = p.chunk_offsets != nullptr ? p.chunk_offsets[n] + seg_begin / C
-                                                          : int64_t(n) * ((p.T + C - 1) / C) + seg_begin / C;
+    const int64_t norm_slot0 = chunk::walk_first_slot(p, n, seg_begin);   // the normaliser's carry rows
     static_assert(C + BV == kWg && BV == C, "the normaliser's loads: a thread per row, then per column");
     // what the epilogue reads: dots partner, divisors (or the normaliser's weights and carry)
     auto load_chunk = [&](int c, int stage) {
@@ -478,12 +476,8 @@ bool chunk_pass_sm90_built() {
 template <typename Elem, int DK>
 int chunk_pass_sm90_blocks_per_sm(bool dots) {
   using Tr = chunk_sm90::Traits<Elem, DK>;
-  auto kernel = chunk_sm90::chunk_pass_sm90_kernel<Elem, DK>;
-  FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kBytesDots + Tr::kAlign));
-  int blocks = 0;
-  FLA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, kernel, Tr::kThreads, (dots ? Tr::kBytesDots : Tr::kBytesNoDots) + Tr::kAlign));
-  return blocks;
+  return blocks_per_sm_with_smem(chunk_sm90::chunk_pass_sm90_kernel<Elem, DK>, Tr::kThreads,
+                                 (dots ? Tr::kBytesDots : Tr::kBytesNoDots) + Tr::kAlign, Tr::kBytesDots + Tr::kAlign);
 }
 
 }  // namespace fla

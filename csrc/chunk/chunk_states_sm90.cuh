@@ -167,12 +167,8 @@ void run_chunk_states_sm90(const SegStateParams& sp, cudaStream_t stream) {
 template <typename Elem, int DK>
 int chunk_states_sm90_blocks_per_sm() {
   using Tr = chunk_sm90::StatesTraits<Elem, DK>;
-  auto kernel = chunk_sm90::chunk_states_sm90_kernel<Elem, DK>;
   const int smem = Tr::kBytes + Tr::kAlign;
-  FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  int blocks = 0;
-  FLA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, Tr::kThreads, smem));
-  return blocks;
+  return blocks_per_sm_with_smem(chunk_sm90::chunk_states_sm90_kernel<Elem, DK>, Tr::kThreads, smem, smem);
 }
 
 }  // namespace fla

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "chunk/chunk.h"
+#include "common/sequence_slots.cuh"
 
 namespace fla {
 namespace chunk {
@@ -53,6 +54,15 @@ __device__ __forceinline__ WalkSpan walk_span(const ChunkParams& p, int n, int s
   s.seg_len = p.num_segs == 1 ? s.len : min(s.len - s.seg_begin, int64_t(p.seg_chunks) * kChunk);
   s.num_chunks = s.seg_len > 0 ? int((s.seg_len + kChunk - 1) / kChunk) : 0;
   return s;
+}
+
+// The slot of a walk's first chunk in per-chunk tensors (GLA's key decays and states, the
+// normaliser's carries): its sequence's first slot (sequence_slots) plus the chunks before
+// its segment. seg_begin: WalkSpan's.
+__device__ __forceinline__ int64_t walk_first_slot(const ChunkParams& p, int n, int64_t seg_begin) {
+  int64_t c0, c1;
+  sequence_slots<kChunk>(n, p.cu_seqlens, p.chunk_offsets, p.T, c0, c1);
+  return c0 + seg_begin / kChunk;
 }
 
 // The raw log gate of head h at token t (per step, per head, or none).

@@ -18,4 +18,14 @@ void launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, int smem, 
   FLA_CHECK_LAUNCH();
 }
 
+// Blocks of `threads` threads and smem bytes of dynamic shared memory that fit one SM, after
+// raising the kernel's limit to smem_limit as launch_with_smem does.
+template <typename Params>
+int blocks_per_sm_with_smem(void (*kernel)(Params), int threads, int smem, int smem_limit) {
+  FLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
+  int blocks = 0;
+  FLA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  return blocks;
+}
+
 }  // namespace fla
