@@ -1,6 +1,8 @@
 """The fused linear-attention normalisation (csrc/normalize) against the fp64 PyTorch
 composition it replaces (``linear_attn.normalize_with_z_state``): outputs, the key-sum
 state and every gradient, dense and packed, odd lengths, states in and out. GPU only."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,11 +115,11 @@ def _public_run(cast, args, monkeypatch, torch_path=False, cu_seqlens=None):
     return [o, ht, z] + list(torch.autograd.grad(loss, list(leaves.values())))
 
 
-def _public_args(T, K, V, N, lengths=None, seed=0):
+def _public_args(T, K, V, N, lengths=None, seed=0, H=2):
     B = 1 if lengths else N
-    x = make_inputs(B, T, 2, K, V, torch.bfloat16, N=N, seed=seed)
-    v = torch.randn(B, T, 2, V, device="cuda").to(torch.bfloat16)
-    h0 = torch.randn(N, 2, K, V, device="cuda")
+    x = make_inputs(B, T, H, K, V, torch.bfloat16, N=N, seed=seed)
+    v = torch.randn(B, T, H, V, device="cuda").to(torch.bfloat16)
+    h0 = torch.randn(N, H, K, V, device="cuda")
     return {"q": x["q"], "k": x["k"], "v": v, "h0": h0, "z0": x["z0"]}
 
 
@@ -163,15 +165,22 @@ def test_public_op_takes_the_fused_path(T, K, V, lengths, monkeypatch):
         assert_close(f"output {i}", r, o, max(TOL[torch.bfloat16], 1.5 * err_ratio(r, c), 1.1 * err_ratio(r, b)))
 
 
+def _runs_pass_folding(names, fold):
+    """Whether the wgmma pass ran with NormFold `fold` (1: the gradient, 2: den) among names."""
+    return any(re.search(rf"chunk_pass_sm90_kernel<[^<>]*, ?{fold}>", n) for n in names)
+
+
 @pytest.mark.parametrize("T,K,V,N,lengths", [(63, 128, 128, 2, None), (2049, 64, 128, 2, None),
                                              (500, 128, 64, 4, [200, 0, 63, 237]), (20000, 128, 128, 1, None)])
-def test_backward_folds_the_normaliser_into_the_passes(T, K, V, N, lengths, monkeypatch):
+def test_sm90_folds_the_normaliser_into_the_passes(T, K, V, N, lengths, monkeypatch):
     """On sm_90 the backward's dq and dk passes add the normaliser's gradient themselves (each
     score gains w of its row or column, each output row the carry; the dk pass's carries are
     over chunks aligned to the sequence's end, which odd lengths and packed sequences test;
-    T = 20000 splits the walks): the separate gradient kernel does not run, and every output
-    and gradient is within 1.25x the error of the unfolded path (FLA_CUDA_CHUNK_SM90=0)
-    against fp64."""
+    T = 20000 splits the walks): the separate gradient kernel does not run. The forward pass
+    computes den itself unless the walks are split (T = 20000, and dense batches of so few
+    walks: the normaliser's own kernels then).
+    Every output and gradient is within 1.25x the error of the unfolded path
+    (FLA_CUDA_CHUNK_SM90=0) against fp64."""
     sm90_or_skip()
     cu = make_cu_seqlens(lengths, device="cuda") if lengths else None
     args = _public_args(T, K, V, N, lengths)
@@ -180,7 +189,9 @@ def test_backward_folds_the_normaliser_into_the_passes(T, K, V, N, lengths, monk
     folded = []
     names = cuda_kernel_names(lambda: folded.extend(_public_run(lambda t: t, args, monkeypatch, cu_seqlens=cu)))
     assert not any("normalize_bwd_grads_kernel" in n for n in names), names
-    assert any("chunk_pass_sm90_kernel" in n and "true" in n for n in names), names
+    assert _runs_pass_folding(names, 1), names
+    assert _runs_pass_folding(names, 2) != any("key_totals_kernel" in n for n in names), names
+    assert not (T == 20000 and _runs_pass_folding(names, 2)), names
     monkeypatch.setenv("FLA_CUDA_CHUNK_SM90", "0")
     unfolded = []
     names = cuda_kernel_names(lambda: unfolded.extend(_public_run(lambda t: t, args, monkeypatch, cu_seqlens=cu)))
@@ -189,6 +200,40 @@ def test_backward_folds_the_normaliser_into_the_passes(T, K, V, N, lengths, monk
         assert torch.isfinite(a).all(), f"output {i}"
         ea, eb = err_ratio(r, a), err_ratio(r, b)
         assert ea <= 1.25 * eb + 0.05 * TOL[torch.bfloat16], f"output {i}: folded {ea:.3e}, unfolded {eb:.3e}"
+
+
+@pytest.mark.parametrize("T,K,V,N,lengths,with_z0", [(1, 64, 64, 2, None, True), (63, 128, 128, 2, None, False),
+                                                     (2049, 64, 128, 3, None, True),
+                                                     (700, 128, 64, 5, [200, 0, 63, 64, 373], True)])
+def test_forward_pass_den_matches_the_normaliser_kernels(T, K, V, N, lengths, with_z0, monkeypatch):
+    """What the sm_90 forward pass computes of the normaliser (den, the carry before each chunk,
+    z_final; o divided by den) against the normaliser's own kernels (FLA_CUDA_CHUNK_SM90=0):
+    fp32 sums of the same bf16 products in another order, so within 1e-5 relative; slots past
+    the packed sequences' last chunk are zero in both. Odd lengths, an empty sequence, with and
+    without z0. Sixteen heads: dense batches of fewer walks are split, and the pass leaves den
+    to the normaliser's kernels."""
+    sm90_or_skip()
+    cu = make_cu_seqlens(lengths, device="cuda") if lengths else None
+    args = _public_args(T, K, V, N, lengths, seed=3, H=16)
+    from fla_cuda.ops.normalize_cuda import _chunk_offsets
+    offs = None if cu is None else _chunk_offsets(cu)
+    z0 = args["z0"].squeeze(1).contiguous() if with_z0 else None
+    fwd = (args["q"], args["k"], args["v"], args["h0"], z0, cu, offs, K ** -0.5, True)
+    monkeypatch.delenv("FLA_CUDA_CHUNK_SM90", raising=False)
+    names = cuda_kernel_names(lambda: torch.ops.fla_cuda.linear_attn_normalized_fwd(*fwd))
+    assert _runs_pass_folding(names, 2) and not any("key_totals_kernel" in n for n in names), names
+    fused = torch.ops.fla_cuda.linear_attn_normalized_fwd(*fwd)
+    monkeypatch.setenv("FLA_CUDA_CHUNK_SM90", "0")
+    apart = torch.ops.fla_cuda.linear_attn_normalized_fwd(*fwd)
+    for name, a, b in zip(("o", "ht", "z_final", "den", "k_carry"), fused, apart):
+        assert a.shape == b.shape and torch.isfinite(a).all(), name
+        if name in ("o", "ht"):   # bf16 operands of two different kernels
+            assert_close(name, b.double(), a, TOL[torch.bfloat16])
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
+    if cu is not None:
+        tail = int(offs[-1])
+        assert fused[4][tail:].eq(0).all() and apart[4][tail:].eq(0).all()
 
 
 def test_fused_chunk_and_recurrent_normalized(monkeypatch):
@@ -223,12 +268,13 @@ def test_fused_op_deterministic(monkeypatch):
 
 
 def test_no_worse_than_fla_normalized():
-    """FLA's chunk_linear_attn(normalize=True) on the same inputs is the bar (x1.5 + a floor)."""
+    """FLA's chunk_linear_attn(normalize=True) on the same inputs is the bar (x1.5 + a floor).
+    Sixteen heads: enough walks that the sm_90 forward pass computes den itself."""
     fla_ops = pytest.importorskip("fla.ops")
-    x = make_inputs(2, 1000, 4, 128, 128, torch.bfloat16, N=2)
-    v = torch.randn(2, 1000, 4, 128, device="cuda").to(torch.bfloat16)
+    x = make_inputs(2, 1000, 16, 128, 128, torch.bfloat16, N=2)
+    v = torch.randn(2, 1000, 16, 128, device="cuda").to(torch.bfloat16)
     inputs = {"q": x["q"], "k": x["k"], "v": v}
-    do = torch.randn(2, 1000, 4, 128, device="cuda").to(torch.bfloat16)
+    do = torch.randn(2, 1000, 16, 128, device="cuda").to(torch.bfloat16)
 
     def run(fn, cast):
         leaves = {n: cast(t).detach().requires_grad_() for n, t in inputs.items()}

@@ -104,6 +104,16 @@ struct ChunkParams {
   const float* norm_w;       // [B*T, H] fp32, or null: no normaliser
   const float* norm_carry;   // [slots, H, DV] fp32
   bool norm_by_col;
+  // Linear attention's normaliser computed by the forward pass itself (wgmma pass, no gates,
+  // one walk per sequence; the separate kernels in normalize.h otherwise):
+  //   c_t = z0 + sum_{s <= t} k_s,   den_t = scale_inter <q_t, c_t> + 1e-10,   o_t /= den_t
+  // with <q_t, c_t> = <q_t, carry(chunk)> + the row sum of the chunk's masked Q K^T. Value
+  // tile 0 writes what the backward reads: den, the carry before each chunk (slots as
+  // norm_carry's) and the sequence's final key sum.
+  float* norm_den;           // [B*T, H] fp32, or null: no normaliser
+  const float* norm_z0;      // [N, H, DK] fp32, or null (zero)
+  float* norm_k_carry;       // [slots, H, DK] fp32
+  float* norm_z_final;       // [N, H, DK] fp32
 };
 
 // Value columns per thread block: the state tile [DK, BV] stays in registers. 32 for

@@ -115,6 +115,9 @@ void launch_pass(const ChunkParams& p, const Tensor& like, bool sm90, cudaStream
     } else if (sm90 && p.norm_w != nullptr) {
       if (p.DK == 64) run_chunk_pass_sm90_norm<Elem, 64>(p, stream);
       else run_chunk_pass_sm90_norm<Elem, 128>(p, stream);
+    } else if (sm90 && p.norm_den != nullptr) {
+      if (p.DK == 64) run_chunk_pass_sm90_den<Elem, 64>(p, stream);
+      else run_chunk_pass_sm90_den<Elem, 128>(p, stream);
     } else if (sm90) {
       if (p.DK == 64) run_chunk_pass_sm90<Elem, 64>(p, stream);
       else run_chunk_pass_sm90<Elem, 128>(p, stream);
@@ -211,20 +214,27 @@ int64_t check_chunk_offsets(const Tensor& q, const std::optional<Tensor>& cu_seq
 // otherwise dense batches split every sequence into segments of at least 2 chunks, as many
 // as fit one wave (a partial second wave would double the time) (chunk.h).
 // GLA mode (gla.h) splits the same way; its segment decays are per key row.
-template <bool kGla = false>
-void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
-  const PassKernel kern = pass_kernel(p.DK, p.DV, like.get_device());
-  STD_TORCH_CHECK(p.norm_w == nullptr || (kern.sm90 && !kGla && p.g == nullptr && p.g_gamma == nullptr),
-                  "fla_cuda: the normaliser gradient folds into the wgmma pass without gates only");
+int64_t pass_segments(const ChunkParams& p, const Tensor& like, const PassKernel& kern, bool gla) {
   const int64_t blocks = p.DV / kern.value_tile * p.H * p.N;
   const int64_t chunks = (int64_t(p.T) + kChunk - 1) / kChunk;
-  const int64_t wave = sm_count(like.get_device()) * int64_t(pass_blocks_per_sm(p, like, kern.sm90, kGla));
-  int64_t segs = 1;
+  const int64_t wave = sm_count(like.get_device()) * int64_t(pass_blocks_per_sm(p, like, kern.sm90, gla));
   // the wgmma pass at one block per SM (B=4, T=4096, H=16, K=V=128: 128 walks) measured 0.180
   // ms unsplit, 0.185 ms split in two
   const bool split = kern.sm90 ? 4 * blocks <= wave : 2 * blocks < wave;
-  if (p.cu_seqlens == nullptr && blocks > 0 && split)
-    segs = std::min(wave / blocks, chunks / 2);
+  if (p.cu_seqlens == nullptr && blocks > 0 && split) return std::max<int64_t>(std::min(wave / blocks, chunks / 2), 1);
+  return 1;
+}
+
+template <bool kGla = false>
+void run_pass(ChunkParams p, const Tensor& like, cudaStream_t stream) {
+  const PassKernel kern = pass_kernel(p.DK, p.DV, like.get_device());
+  const bool gates = p.g != nullptr || p.g_gamma != nullptr;
+  STD_TORCH_CHECK(p.norm_w == nullptr || (kern.sm90 && !kGla && !gates),
+                  "fla_cuda: the normaliser gradient folds into the wgmma pass without gates only");
+  const int64_t segs = pass_segments(p, like, kern, kGla);
+  STD_TORCH_CHECK(p.norm_den == nullptr || (kern.sm90 && !kGla && !gates && segs == 1 && p.o_row_div == nullptr),
+                  "fla_cuda: the normaliser folds into the forward wgmma pass without gates or split walks only");
+  const int64_t chunks = (int64_t(p.T) + kChunk - 1) / kChunk;
   if (segs < 2) {
     launch_pass<kGla>(p, like, kern.sm90, stream);
     return;
@@ -257,12 +267,22 @@ std::tuple<Tensor, Tensor> chunk_simple_gla_fwd(Tensor q, Tensor k, Tensor v, st
   return chunk_simple_gla_fwd_impl(q, k, v, g, g_gamma, h0, cu_seqlens, scale, output_final_state, nullptr);
 }
 
+bool chunk_fwd_folds_norm(const Tensor& q, const Tensor& v, const std::optional<Tensor>& cu_seqlens) {
+  const Dims d = check_inputs(q, q, v, std::nullopt, std::nullopt, cu_seqlens);
+  const PassKernel kern = pass_kernel(d.K, d.V, q.get_device());
+  if (!kern.sm90) return false;
+  Tensor unused = nothing(q);
+  ChunkParams p = pass_params(q, q, v, unused, nullptr, nullptr, cu_seqlens, d);
+  return pass_segments(p, q, kern, false) == 1;
+}
+
 std::tuple<Tensor, Tensor> chunk_simple_gla_fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const std::optional<Tensor>& g,
                                                      const std::optional<Tensor>& g_gamma,
                                                      const std::optional<Tensor>& h0,
                                                      const std::optional<Tensor>& cu_seqlens, double scale,
-                                                     bool output_final_state, const float* o_row_div) {
+                                                     bool output_final_state, const float* o_row_div,
+                                                     const NormFwd* norm) {
   const Dims d = check_inputs(q, k, v, g, g_gamma, cu_seqlens);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   const float* gp = opt_f32(g, "g", q, {d.B, d.T, d.H});
@@ -276,6 +296,13 @@ std::tuple<Tensor, Tensor> chunk_simple_gla_fwd_impl(const Tensor& q, const Tens
   p.scale_update = 1.f;
   p.reverse = false;
   p.o_row_div = o_row_div;
+  if (norm != nullptr) {
+    p.norm_den = norm->den;
+    p.norm_z0 = norm->z0;
+    p.norm_k_carry = norm->k_carry;
+    p.norm_z_final = norm->z_final;
+    p.chunk_offsets = norm->chunk_offsets;
+  }
   run_pass(p, q, current_stream(q));
   return {o, ht};
 }

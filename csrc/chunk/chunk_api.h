@@ -12,14 +12,29 @@ std::tuple<Tensor, Tensor> chunk_simple_gla_fwd(Tensor q, Tensor k, Tensor v, st
                                                 std::optional<Tensor> cu_seqlens, double scale,
                                                 bool output_final_state);
 
+// Linear attention's normaliser computed by the forward pass itself (ChunkParams::norm_den):
+// den [B*T, H], k_carry [slots, H, K] (slots past the packed sequences' last chunk are not
+// written), z_final [N, H, K] out; z0 [N, H, K] or null; chunk_offsets with cu_seqlens.
+struct NormFwd {
+  const float* z0;
+  float* den;
+  float* k_carry;
+  float* z_final;
+  const int64_t* chunk_offsets;
+};
+// Whether the forward pass of (q, v) computes it (sm_90 wgmma pass, K and V in {64, 128}, one
+// walk per sequence).
+bool chunk_fwd_folds_norm(const Tensor& q, const Tensor& v, const std::optional<Tensor>& cu_seqlens);
+
 // The same with each output row divided by o_row_div [B*T, H] fp32 (linear attention's
-// normaliser), or not (nullptr).
+// normaliser from its own kernels), or by den computed in the pass (norm; no gates), or not.
 std::tuple<Tensor, Tensor> chunk_simple_gla_fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const std::optional<Tensor>& g,
                                                      const std::optional<Tensor>& g_gamma,
                                                      const std::optional<Tensor>& h0,
                                                      const std::optional<Tensor>& cu_seqlens, double scale,
-                                                     bool output_final_state, const float* o_row_div);
+                                                     bool output_final_state, const float* o_row_div,
+                                                     const NormFwd* norm = nullptr);
 
 // dq, dk, dv (input dtype); dg [B,T,H] fp32, the gradient of each step's log gate (0 where
 // g < -1e4, which the kernels clamp; summed over steps by the caller for g_gamma), plus

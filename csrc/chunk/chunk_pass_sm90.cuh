@@ -23,6 +23,15 @@
 // every element at the same byte (compared element by element on the host when this was
 // written; any mismatch would fail every GPU test), so the threads' cp.async keep the plain
 // offsets.
+//
+// Linear attention's normaliser (normalize.h) can ride along (kFold): in the backward's dq
+// and dk passes its gradient (ChunkParams::norm_w); in the forward, den itself
+// (ChunkParams::norm_den). There the state warpgroup keeps the key sums on tensor cores too
+// (1^T K by MMAs with an all-ones A, while the state update runs) and hands <q, carry> over
+// with X (one more wgmma, N = 8, against the carry's hi and lo rows); the output warpgroup
+// adds the row sums of its masked scores and divides. A first version on CUDA cores (the sums
+// by loads and adds, <q, carry> by two lanes a row) added 45% to the pass's instructions and
+// 35 us to its 125 at B=4, T=4096, H=16, K=V=128; this one adds 24 us.
 #pragma once
 #include <cute/tensor.hpp>
 
@@ -73,16 +82,27 @@ struct Traits {
                                                                    GMMA::Major::MN, GMMA::Major::MN>()));
 
   using LayoutO = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Elem>{}, Shape<Int<C>, Int<BV>>{}));    // (C, BV)
+  // The forward normaliser (kFoldDen): Q carry^T against the carry's rows, and the chunk's key
+  // sums 1^T K by m16n8k16 MMAs with an all-ones A, B read transposed by ldmatrix.
+  using LayoutCt = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Elem>{}, Shape<_8, Int<DK>>{}));      // (8, DK)
+  using MmaQc = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Elem, Elem, float, Shape<Int<C>, _8, Int<DK>>,
+                                                                   GMMA::Major::K, GMMA::Major::K>()));
+  using MmaOnes = std::conditional_t<std::is_same_v<Elem, cute::bfloat16_t>, SM80_16x8x16_F32BF16BF16F32_TN,
+                                     SM80_16x8x16_F32F16F16F32_TN>;
+  static constexpr uint32_t kOnes = std::is_same_v<Elem, cute::bfloat16_t> ? 0x3F803F80u : 0x3C003C00u;
+  // float16 carries are stored scaled (hi + lo keep 22 bits; 65504 would bound the sums)
+  static constexpr float kCarryScale = std::is_same_v<Elem, cute::bfloat16_t> ? 1.f : 1.f / 1024.f;
   using StsmAtom = Copy_Atom<SM90_U32x4_STSM_N, Elem>;
   using LdsmAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
 
   // Shared memory in elements from a 1024-byte aligned base: two stages of q, k, v; scaled v;
-  // S^T; then fp32: X (C, BV), two stages of gates, of row divisors (or the normaliser's
-  // weights) and of the normaliser's carry rows; the dots partner (two stages) last, allocated
-  // only when a pass has dots.
-  static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK;
+  // S^T; the forward normaliser's carry (8, DK) (rows hi, lo, zeros); then fp32: X (C, BV),
+  // two stages of gates, of row divisors (or the normaliser's weights, or <q, carry> of each
+  // row) and of the normaliser's carry rows; the dots partner (two stages) last, allocated only
+  // when a pass has dots.
+  static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK, kCt = 8 * DK;
   static constexpr int kOffQ = 0, kOffK = 2 * kQK, kOffV = 4 * kQK, kOffVs = kOffV + 2 * kV, kOffSt = kOffVs + kV;
-  static constexpr int kOffF32 = kOffSt + kSt;
+  static constexpr int kOffCt = kOffSt + kSt, kOffF32 = kOffCt + kCt;
   // the fp32 part in floats, padded so that the dots partner starts on a kAlign boundary (its
   // ldmatrix reads assume the swizzle's absolute addresses)
   static constexpr int kAlign = 1024;   // the swizzle and the GMMA descriptors use absolute addresses
@@ -142,13 +162,45 @@ __device__ __forceinline__ Elem* aligned_smem(unsigned char* smem_raw) {
   return reinterpret_cast<Elem*>(smem_raw + ((kAlign - misalign) & (kAlign - 1)));
 }
 
-// kNorm: the pass folds in linear attention's normaliser gradient (ChunkParams::norm_w).
-template <typename Elem_, int DK, bool kNorm = false>
+// What of linear attention's normaliser a pass folds in: nothing, its gradient (the dq and dk
+// passes of the backward, ChunkParams::norm_w) or den and the division (the forward,
+// ChunkParams::norm_den).
+enum NormFold : int { kFoldNone = 0, kFoldGrad = 1, kFoldDen = 2 };
+
+// Element offset of (r, c) in the plain (C, DK) tile of q or k for run-time coordinates:
+// 64-column blocks of tile64_offset's layout, one after the other.
+template <int DK>
+__host__ __device__ constexpr int qk_offset(int r, int c) {
+  return c / 64 * (kChunk * 64) + chunk::tile64_offset(r, c % 64);
+}
+template <int DK>   // the first and last element of every 16-byte group (the compiler's budget)
+constexpr bool qk_offset_matches() {
+  for (int r = 0; r < kChunk; ++r)
+    for (int c = 0; c < DK; c += c % 8 == 0 ? 7 : 1)
+      if (chunk::SmemTile<kChunk, DK>{}(r, c) != qk_offset<DK>(r, c)) return false;
+  return true;
+}
+static_assert(qk_offset_matches<64>(), "qk_offset is the (C, 64) tile's layout");
+static_assert(qk_offset_matches<128>(), "qk_offset is the (C, 128) tile's layout");
+// The same for the normaliser's (8, DK) carry tile (Traits::LayoutCt; the plain layout of its
+// bytes, as for the other tiles).
+__host__ __device__ constexpr int carry_offset(int r, int c) { return c / 64 * (8 * 64) + chunk::tile64_offset(r, c % 64); }
+template <int DK>
+constexpr bool carry_offset_matches() {
+  for (int r = 0; r < 8; ++r)
+    for (int c = 0; c < DK; c += c % 8 == 0 ? 7 : 1)
+      if (chunk::SmemTile<8, DK>{}(r, c) != carry_offset(r, c)) return false;
+  return true;
+}
+static_assert(carry_offset_matches<64>() && carry_offset_matches<128>(), "carry_offset is the carry tile's layout");
+
+template <typename Elem_, int DK, int kFold = kFoldNone>
 __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass_sm90_kernel(const __grid_constant__ ChunkParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = Traits<Elem_, DK>;
   using Elem = typename Tr::Elem;
   constexpr int C = Tr::C, BV = Tr::BV, kWg = 128;
+  constexpr bool kNorm = kFold == kFoldGrad, kDen = kFold == kFoldDen;
 
   extern __shared__ unsigned char smem_raw[];
   Elem* const smem = aligned_smem<Elem, Tr::kAlign>(smem_raw);
@@ -157,6 +209,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   Elem* const v_buf = smem + Tr::kOffV;     // [2][C*BV]
   Elem* const vs_buf = smem + Tr::kOffVs;   // [C*BV]  v * exp(G_last - G) * scale_update
   Elem* const st_buf = smem + Tr::kOffSt;   // [BV*DK] S^T in the input dtype
+  Elem* const ct_buf = smem + Tr::kOffCt;   // [8*DK] the normaliser's carry, hi and lo rows (kDen)
   float* const x_buf = reinterpret_cast<float*>(smem + Tr::kOffF32);   // [C*BV] X, thread-major
   float* const g_buf = x_buf + C * BV;                                  // [2][C] cumulative gates (log2)
   float* const div_buf = g_buf + 2 * C;        // [2][C] output row divisors, or the normaliser's w
@@ -204,6 +257,8 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     // ------------------------------------------------------------------ state warpgroup
     typename Tr::MmaSU mma_su;
     auto thr_su = mma_su.get_thread_slice(tid);
+    typename Tr::MmaQc mma_qc;
+    auto thr_qc = mma_qc.get_thread_slice(tid);
     const Elem* q = static_cast<const Elem*>(p.q) + h * DK;
     const Elem* k = static_cast<const Elem*>(p.k) + h * DK;
     int smem_off_qk[C / kRowsQK];
@@ -256,6 +311,69 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     if (num_chunks > 0) load_chunk(0, 0);
     cp_async_fence();
     store_state_smem();
+
+    // The forward normaliser (kDen): the key sums before each chunk (the carry) in the
+    // accumulators of MMAs with an all-ones A: warp w sums the chunk's rows of its DK / 4
+    // columns of k (every accumulator row holds the same sums; lanes 0-3 hand them on). The
+    // carry goes to the next chunk's X (hi and lo rows of ct_buf: its product with Q is <q, carry>
+    // to about 16 bits, fp32 accumulated) and, from value tile 0, to k_carry and z_final.
+    constexpr int kCarryBlocks = DK / 4 / 8;
+    const int64_t norm_slot0 = chunk::walk_first_slot(p, n, seg_begin), z_row = (int64_t(n) * H + h) * DK;
+    auto carry_col = [&](int nb) { return warp * (DK / 4) + 8 * nb + 2 * (lane % 4); };
+    float carry[kCarryBlocks][4];
+    auto put_carry = [&](int c) {   // the carry before chunk c (c == num_chunks: z_final)
+      if (lane >= 4) return;
+      CUTE_UNROLL
+      for (int nb = 0; nb < kCarryBlocks; ++nb) {
+        const int col = carry_col(nb);
+        cute::array<Elem, 2> hi, lo;
+        CUTE_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const float z = carry[nb][e] * Tr::kCarryScale;
+          hi[e] = static_cast<Elem>(z);
+          lo[e] = static_cast<Elem>(z - static_cast<float>(hi[e]));
+        }
+        *reinterpret_cast<uint32_t*>(ct_buf + carry_offset(0, col)) = *reinterpret_cast<const uint32_t*>(hi.data());
+        *reinterpret_cast<uint32_t*>(ct_buf + carry_offset(1, col)) = *reinterpret_cast<const uint32_t*>(lo.data());
+        if (tile == 0) {
+          float* dst = c < num_chunks ? p.norm_k_carry + ((norm_slot0 + c) * H + h) * DK : p.norm_z_final + z_row;
+          *reinterpret_cast<float2*>(dst + col) = make_float2(carry[nb][0], carry[nb][1]);
+        }
+      }
+    };
+    auto add_chunk_keys = [&](int stage) {   // carry += 1^T K of the chunk (zero-filled past the end)
+      const Elem* ks = k_buf + stage * Tr::kQK;
+      const uint32_t ones = Tr::kOnes;   // a register operand (the static member is host-only)
+      CUTE_UNROLL
+      for (int kb = 0; kb < C / 16; ++kb) {
+        CUTE_UNROLL
+        for (int np = 0; np < kCarryBlocks / 2; ++np) {   // two n-blocks of 8 columns per ldmatrix
+          const int row = 16 * kb + 8 * (lane / 8 % 2) + lane % 8;
+          const int col = warp * (DK / 4) + 16 * np + 8 * (lane / 16);
+          uint32_t b[4];
+          SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(ks + qk_offset<DK>(row, col)), b[0], b[1],
+                                  b[2], b[3]);
+          CUTE_UNROLL
+          for (int j = 0; j < 2; ++j) {
+            float(&d)[4] = carry[2 * np + j];
+            Tr::MmaOnes::fma(d[0], d[1], d[2], d[3], ones, ones, ones, ones, b[2 * j], b[2 * j + 1], d[0], d[1], d[2],
+                             d[3]);
+          }
+        }
+      }
+    };
+    if constexpr (kDen) {
+      CUTE_UNROLL
+      for (int nb = 0; nb < kCarryBlocks; ++nb) {
+        const float2 z = p.norm_z0 != nullptr ? *reinterpret_cast<const float2*>(p.norm_z0 + z_row + carry_col(nb))
+                                               : make_float2(0.f, 0.f);
+        carry[nb][0] = carry[nb][2] = z.x;
+        carry[nb][1] = carry[nb][3] = z.y;
+      }
+      for (int i = tid; i < Tr::kCt; i += kWg) ct_buf[i] = Elem(0);   // rows 2-7 stay zero
+      bar_sync(kBarVs, kWg);                                           // before the carry's rows
+      put_carry(0);
+    }
     for (int c = 0; c < num_chunks; ++c) {
       const int stage = c & 1;
       cp_async_wait<0>();
@@ -264,11 +382,18 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       const float* G = g_buf + stage * C;
       const float g_last = G[C - 1];
       Tensor accX = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) X = Q S
+      Tensor accQc = partition_fragment_C(mma_qc, Shape<Int<C>, _8>{});      // (MMA, 1, 1) kDen: Q carry^T
       {
         Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
         Tensor tXrQ = thr_qk.partition_fragment_A(sQ);                       // (MMA, 1, DK/16)
         Tensor tXrSt = thr_qk.partition_fragment_B(sSt);                     // (MMA, 1, DK/16)
         wgmma_issue(mma_qk, tXrQ, tXrSt, accX, true);
+        if constexpr (kDen) {   // Q carry^T: <q, carry> in columns 0 (hi) and 1 (lo)
+          Tensor sCt = make_tensor(make_smem_ptr(ct_buf), typename Tr::LayoutCt{});   // (8, DK)
+          Tensor tQrQ = thr_qc.partition_fragment_A(sQ);                       // (MMA, 1, DK/16)
+          Tensor tQrCt = thr_qc.partition_fragment_B(sCt);                     // (MMA, 1, DK/16)
+          wgmma_issue(mma_qc, tQrQ, tQrCt, accQc, true);
+        }
       }
       if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);   // while the tensor cores work
       cp_async_fence();
@@ -277,6 +402,13 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
         warpgroup_wait<0>();
         fence_operand(accX);
+        if constexpr (kDen) {   // <q, carry> of rows r0, r0 + 8 to the output warpgroup (div_buf)
+          fence_operand(accQc);
+          if (lane % 4 == 0) {
+            div_buf[r0] = (accQc(0) + accQc(1)) / Tr::kCarryScale;
+            div_buf[r0 + 8] = (accQc(2) + accQc(3)) / Tr::kCarryScale;
+          }
+        }
         const float w[2] = {exp2_ftz(G[r0]) * p.scale_inter, exp2_ftz(G[r0 + 8]) * p.scale_inter};
         CUTE_UNROLL
         for (int j = 0; j < kX / 4; ++j)
@@ -294,8 +426,10 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       Tensor tHrVs = thr_su.partition_fragment_A(sVst);                      // (MMA, 1, C/16)
       Tensor tHrK = thr_su.partition_fragment_B(sKt);                        // (MMA, 1, C/16)
       wgmma_issue(mma_su, tHrVs, tHrK, accH, false);
+      if constexpr (kDen) add_chunk_keys(stage);   // while the tensor cores update the state
       warpgroup_wait<0>();
       fence_operand(accH);
+      if constexpr (kDen) put_carry(c + 1);
       store_state_smem();   // read by the next chunk's X, after its barrier
     }
 
@@ -320,7 +454,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       if (p.dots != nullptr)   // the dot partner has v's layout
         copy_chunk_rows<kRowsV>(dot_buf + stage * Tr::kV, smem_off_v, other, token(pos0 + rv0) * H * DV + cv, v_step,
                   rv0, rows_left);
-      const float* row_vals = kNorm ? p.norm_w : p.o_row_div;
+      const float* row_vals = kNorm ? p.norm_w : (kDen ? nullptr : p.o_row_div);   // kDen: div_buf is <q, carry>
       if (row_vals != nullptr && tid < C) {   // zeros past the end
         const bool valid = tid < rows_left;
         cp_async_4(div_buf + stage * C + tid, row_vals + (valid ? token(pos0 + tid) * H + h : 0), valid);
@@ -379,7 +513,11 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         // P = S_qk * D * scale_intra, in the accumulator layout read as the A operand
         Tensor rP = make_tensor<Elem>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<C / 16>>,
                                              Stride<Stride<_1, _2, _4>, _0, _8>>{});   // (MMA, 1, C/16)
-        auto put_p = [&](int i, float x) { rP(i) = static_cast<Elem>(x); };
+        float row_sum[2] = {0.f, 0.f};   // kDen: the rows' masked scores, for den
+        auto put_p = [&](int i, float x) {
+          rP(i) = static_cast<Elem>(x);
+          if constexpr (kDen) row_sum[(i / 2) % 2] += x;
+        };
         if constexpr (kNorm) {   // + w of the row (dq) or of the column (dk), before the mask
           const float* w = div_buf + stage * C;
           const float w_row[2] = {w[r0], w[r0 + 8]};
@@ -392,9 +530,10 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         Tensor accO = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) O
         Tensor tOrV = thr_pv.partition_fragment_B(sVt);                         // (MMA, 1, C/16)
         wgmma_issue(mma_pv, rP, tOrV, accO, true);
+        if constexpr (kDen) chunk::sum_over_quad(row_sum);
         warpgroup_wait<0>();
         fence_operand(accO);
-        bar_sync(kBarX, 2 * kWg);          // X is in
+        bar_sync(kBarX, 2 * kWg);          // X (and <q, carry>) is in
         CUTE_UNROLL
         for (int j = 0; j < kX / 4; ++j) {
           const float4 x = *x_vec(j);
@@ -417,6 +556,18 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
             }
           }
         }
+        if constexpr (kDen) {   // den = scale <q, carry> + the masked scores' row sum (+ 1e-10)
+          float inv[2];
+          CUTE_UNROLL
+          for (int h8 = 0; h8 < 2; ++h8) {
+            const float den = row_sum[h8] + p.scale_inter * div_buf[r0 + 8 * h8] + 1e-10f;
+            const int64_t pos = seg_begin + int64_t(c) * C + r0 + 8 * h8;
+            if (tile == 0 && lane % 4 == 0 && pos < len) p.norm_den[token(pos) * H + h] = den;
+            inv[h8] = 1.f / den;
+          }
+          CUTE_UNROLL
+          for (int i = 0; i < size(accO); ++i) accO(i) *= inv[(i / 2) % 2];
+        }
         // Epilogue. Optional per-row dot products with another tensor (dg of the backward).
         if (p.dots != nullptr) {   // partner rows were prefetched with the chunk (zeros past the end)
           Tensor sD = make_tensor(make_smem_ptr(dot_buf + stage * Tr::kV), typename Tr::LayoutO{});   // (C, BV)
@@ -429,7 +580,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
           for (int i = 0; i < size(accO); ++i) part[(i / 2) % 2] += accO(i) * static_cast<float>(rD(i));
           chunk::store_row_dots(p, part, lane, r0, seg_begin + int64_t(c) * C, len, tile, h, token);
         }
-        if (p.o_row_div != nullptr) chunk::divide_rows(accO, div_buf + stage * C, r0);
+        if (!kDen && p.o_row_div != nullptr) chunk::divide_rows(accO, div_buf + stage * C, r0);
         store_output(accO, q_buf + stage * Tr::kQK, c);
       }
       if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
@@ -442,10 +593,10 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
 
 }  // namespace chunk_sm90
 
-template <typename Elem, int DK, bool kNorm>
+template <typename Elem, int DK, int kFold>
 void launch_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream) {
   using Tr = chunk_sm90::Traits<Elem, DK>;
-  auto kernel = chunk_sm90::chunk_pass_sm90_kernel<Elem, DK, kNorm>;
+  auto kernel = chunk_sm90::chunk_pass_sm90_kernel<Elem, DK, kFold>;
   const int smem = (p.dots != nullptr ? Tr::kBytesDots : Tr::kBytesNoDots) + Tr::kAlign;
   launch_with_smem(kernel, dim3(p.DV / Tr::BV, p.H, p.N * p.num_segs), Tr::kThreads, smem, Tr::kBytesDots + Tr::kAlign,
                    stream, p);
@@ -453,12 +604,17 @@ void launch_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream) {
 
 template <typename Elem, int DK>
 void run_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream) {
-  launch_chunk_pass_sm90<Elem, DK, false>(p, stream);
+  launch_chunk_pass_sm90<Elem, DK, chunk_sm90::kFoldNone>(p, stream);
 }
 
 template <typename Elem, int DK>
 void run_chunk_pass_sm90_norm(const ChunkParams& p, cudaStream_t stream) {
-  launch_chunk_pass_sm90<Elem, DK, true>(p, stream);
+  launch_chunk_pass_sm90<Elem, DK, chunk_sm90::kFoldGrad>(p, stream);
+}
+
+template <typename Elem, int DK>
+void run_chunk_pass_sm90_den(const ChunkParams& p, cudaStream_t stream) {
+  launch_chunk_pass_sm90<Elem, DK, chunk_sm90::kFoldDen>(p, stream);
 }
 
 template <typename Elem, int DK>

@@ -20,6 +20,11 @@ void run_chunk_pass_sm90(const ChunkParams& p, cudaStream_t stream);
 template <typename Elem, int DK>
 void run_chunk_pass_sm90_norm(const ChunkParams& p, cudaStream_t stream);
 
+// The forward pass with linear attention's normaliser computed inside it (ChunkParams::norm_den;
+// no gates, one walk per sequence): chunk_linear_attn(normalize=True)'s forward.
+template <typename Elem, int DK>
+void run_chunk_pass_sm90_den(const ChunkParams& p, cudaStream_t stream);
+
 // GLA mode of the pass (chunk_pass_gla_sm90.cuh): same conditions, one block per SM.
 template <typename Elem, int DK>
 void run_chunk_pass_gla_sm90(const ChunkParams& p, cudaStream_t stream);

@@ -53,8 +53,8 @@ void check_rows(const Tensor& x, const char* name, const Tensor& q, const Normal
   STD_TORCH_CHECK(x.scalar_type() == q.scalar_type(), "fla_cuda: `", name, "` must have q's dtype");
 }
 
-// The forward's key sums: den [B,T,H] and the carries; o = o_raw / den too when p.o is set.
-std::tuple<Tensor, Tensor, Tensor> run_forward(NormalizeParams& p, const Tensor& q, const std::optional<Tensor>& z0) {
+// What the forward writes: z_final [N,H,K], den [B,T,H] and the carries.
+std::tuple<Tensor, Tensor, Tensor> forward_outputs(NormalizeParams& p, const Tensor& q, const std::optional<Tensor>& z0) {
   p.z0 = opt_f32(z0, "z0", q, {p.N, p.H, p.K});
   Tensor z_final = empty_f32(q, {p.N, p.H, p.K});
   Tensor den = empty_f32(q, {p.B, p.T, p.H});
@@ -62,9 +62,15 @@ std::tuple<Tensor, Tensor, Tensor> run_forward(NormalizeParams& p, const Tensor&
   p.z_final = static_cast<float*>(z_final.data_ptr());
   p.den = static_cast<float*>(den.data_ptr());
   p.k_carry = static_cast<float*>(k_carry.data_ptr());
+  return {z_final, den, k_carry};
+}
+
+// The forward's key sums by the normaliser's kernels; o = o_raw / den too when p.o is set.
+std::tuple<Tensor, Tensor, Tensor> run_forward(NormalizeParams& p, const Tensor& q, const std::optional<Tensor>& z0) {
+  auto outputs = forward_outputs(p, q, z0);
   cudaStream_t stream = current_stream(q);
   FLA_DTYPE_SWITCH(dtype_of(q, "q"), Elem, [&] { run_normalize_fwd<Elem>(p, stream); });
-  return {z_final, den, k_carry};
+  return outputs;
 }
 
 // The backward's first half (normalize.h); w and q_carry are kept in the returned tensors.
@@ -141,6 +147,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_attn_normalized_fwd(
   NormalizeParams p = make_params(q, k, v.size(3), cu_seqlens, chunk_offsets, scale);
   check_rows(v, "v", q, p);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
+  if (chunk_fwd_folds_norm(q, v, cu_seqlens)) {   // the wgmma pass computes den as it walks
+    auto [z_final, den, k_carry] = forward_outputs(p, q, z0);
+    if (cu_seqlens.has_value())   // slots past the last chunk: an output, never uninitialised memory
+      FLA_CUDA_CHECK(cudaMemsetAsync(p.k_carry, 0, k_carry.numel() * sizeof(float), current_stream(q)));
+    const NormFwd norm{p.z0, p.den, p.k_carry, p.z_final, p.chunk_offsets};
+    auto [o, ht] = chunk_simple_gla_fwd_impl(q, k, v, std::nullopt, std::nullopt, h0, cu_seqlens, scale,
+                                             output_final_state, nullptr, &norm);
+    return {o, ht, z_final, den, k_carry};
+  }
   auto [z_final, den, k_carry] = run_forward(p, q, z0);   // den first: the walk divides by it
   auto [o, ht] = chunk_simple_gla_fwd_impl(q, k, v, std::nullopt, std::nullopt, h0, cu_seqlens, scale,
                                            output_final_state, static_cast<const float*>(den.data_ptr()));

@@ -1,5 +1,5 @@
 """Writes one .cu per (head dim of q/k, dtype) of the chunk pass kernel, of its GLA mode and
-of the wgmma pass, its normaliser-gradient variant and its state-only launch (head dims 64,
+of the wgmma pass, its normaliser variants (gradient, forward) and its state-only launch (head dims 64,
 128), of the GLA intra-chunk kernels (forward per head dim; the backward takes K and V at run
 time, one per dtype), so ninja compiles them in parallel. Run from anywhere:
 python csrc/chunk/instantiations/generate.py
@@ -37,6 +37,8 @@ for dk in HEADDIMS:
                   f"int fla::chunk_pass_sm90_blocks_per_sm<{args}>(bool)")
             write(f"chunk_pass_sm90_norm_dk{dk}_{name}.cu", "chunk_pass_sm90.cuh",
                   f"void fla::run_chunk_pass_sm90_norm<{args}>{PASS}")
+            write(f"chunk_pass_sm90_den_dk{dk}_{name}.cu", "chunk_pass_sm90.cuh",
+                  f"void fla::run_chunk_pass_sm90_den<{args}>{PASS}")
             write(f"chunk_states_sm90_dk{dk}_{name}.cu", "chunk_states_sm90.cuh",
                   f"void fla::run_chunk_states_sm90<{args}>(const fla::SegStateParams&, cudaStream_t)",
                   f"int fla::chunk_states_sm90_blocks_per_sm<{args}>()")
