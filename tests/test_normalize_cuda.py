@@ -260,7 +260,9 @@ def test_fused_chunk_and_recurrent_normalized(monkeypatch):
 
 
 def test_fused_op_deterministic(monkeypatch):
-    args = _public_args(777, 128, 128, 2)
+    """Bitwise equal outputs and gradients from two identical runs; sixteen heads, so that on
+    sm_90 the forward pass computes den itself."""
+    args = _public_args(777, 128, 128, 2, H=16)
     a = _public_run(lambda t: t, args, monkeypatch)
     b = _public_run(lambda t: t, args, monkeypatch)
     for i, (x, y) in enumerate(zip(a, b)):

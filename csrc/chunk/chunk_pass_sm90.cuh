@@ -27,11 +27,12 @@
 // Linear attention's normaliser (normalize.h) can ride along (kFold): in the backward's dq
 // and dk passes its gradient (ChunkParams::norm_w); in the forward, den itself
 // (ChunkParams::norm_den). There the state warpgroup keeps the key sums on tensor cores too
-// (1^T K by MMAs with an all-ones A, while the state update runs) and hands <q, carry> over
-// with X (one more wgmma, N = 8, against the carry's hi and lo rows); the output warpgroup
-// adds the row sums of its masked scores and divides. A first version on CUDA cores (the sums
-// by loads and adds, <q, carry> by two lanes a row) added 45% to the pass's instructions and
-// 35 us to its 125 at B=4, T=4096, H=16, K=V=128; this one adds 24 us.
+// (1^T K by MMAs with an all-ones A, while the state update runs) and writes the carry's hi and
+// lo rows for the next chunk; the output warpgroup takes <q, carry> by one more wgmma next to
+// Q K^T (N = 8, against those rows), adds the row sums of its masked scores, and divides before
+// X arrives. A first version on CUDA cores (the sums by loads and adds, <q, carry> by two lanes
+// a row) added 45% to the pass's instructions and 35 us to its 125 at B=4, T=4096, H=16,
+// K=V=128; this one adds 17 us.
 #pragma once
 #include <cute/tensor.hpp>
 
@@ -96,13 +97,13 @@ struct Traits {
   using LdsmAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
 
   // Shared memory in elements from a 1024-byte aligned base: two stages of q, k, v; scaled v;
-  // S^T; the forward normaliser's carry (8, DK) (rows hi, lo, zeros); then fp32: X (C, BV),
-  // two stages of gates, of row divisors (or the normaliser's weights, or <q, carry> of each
-  // row) and of the normaliser's carry rows; the dots partner (two stages) last, allocated only
-  // when a pass has dots.
-  static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK, kCt = 8 * DK;
+  // S^T; two stages of the forward normaliser's carry (8, DK) (rows hi, lo, zeros); then fp32:
+  // X (C, BV), two stages of gates, of row divisors (or the normaliser's weights) and of the
+  // normaliser's carry rows; the dots partner (two stages) last, allocated only when a pass has
+  // dots.
+  static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK, kCt = 8 * DK;   // kCt: one stage of the carry
   static constexpr int kOffQ = 0, kOffK = 2 * kQK, kOffV = 4 * kQK, kOffVs = kOffV + 2 * kV, kOffSt = kOffVs + kV;
-  static constexpr int kOffCt = kOffSt + kSt, kOffF32 = kOffCt + kCt;
+  static constexpr int kOffCt = kOffSt + kSt, kOffF32 = kOffCt + 2 * kCt;
   // the fp32 part in floats, padded so that the dots partner starts on a kAlign boundary (its
   // ldmatrix reads assume the swizzle's absolute addresses)
   static constexpr int kAlign = 1024;   // the swizzle and the GMMA descriptors use absolute addresses
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   Elem* const v_buf = smem + Tr::kOffV;     // [2][C*BV]
   Elem* const vs_buf = smem + Tr::kOffVs;   // [C*BV]  v * exp(G_last - G) * scale_update
   Elem* const st_buf = smem + Tr::kOffSt;   // [BV*DK] S^T in the input dtype
-  Elem* const ct_buf = smem + Tr::kOffCt;   // [8*DK] the normaliser's carry, hi and lo rows (kDen)
+  Elem* const ct_buf = smem + Tr::kOffCt;   // [2][8*DK] the normaliser's carry, hi and lo rows (kDen)
   float* const x_buf = reinterpret_cast<float*>(smem + Tr::kOffF32);   // [C*BV] X, thread-major
   float* const g_buf = x_buf + C * BV;                                  // [2][C] cumulative gates (log2)
   float* const div_buf = g_buf + 2 * C;        // [2][C] output row divisors, or the normaliser's w
@@ -257,8 +258,6 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     // ------------------------------------------------------------------ state warpgroup
     typename Tr::MmaSU mma_su;
     auto thr_su = mma_su.get_thread_slice(tid);
-    typename Tr::MmaQc mma_qc;
-    auto thr_qc = mma_qc.get_thread_slice(tid);
     const Elem* q = static_cast<const Elem*>(p.q) + h * DK;
     const Elem* k = static_cast<const Elem*>(p.k) + h * DK;
     int smem_off_qk[C / kRowsQK];
@@ -315,8 +314,9 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     // The forward normaliser (kDen): the key sums before each chunk (the carry) in the
     // accumulators of MMAs with an all-ones A: warp w sums the chunk's rows of its DK / 4
     // columns of k (every accumulator row holds the same sums; lanes 0-3 hand them on). The
-    // carry goes to the next chunk's X (hi and lo rows of ct_buf: its product with Q is <q, carry>
-    // to about 16 bits, fp32 accumulated) and, from value tile 0, to k_carry and z_final.
+    // carry goes to the output warpgroup (stage c & 1 of ct_buf, hi and lo rows: its product with
+    // Q is <q, carry> to about 16 bits, fp32 accumulated) and, from value tile 0, to k_carry and
+    // z_final.
     constexpr int kCarryBlocks = DK / 4 / 8;
     const int64_t norm_slot0 = chunk::walk_first_slot(p, n, seg_begin), z_row = (int64_t(n) * H + h) * DK;
     auto carry_col = [&](int nb) { return warp * (DK / 4) + 8 * nb + 2 * (lane % 4); };
@@ -333,8 +333,9 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
           hi[e] = static_cast<Elem>(z);
           lo[e] = static_cast<Elem>(z - static_cast<float>(hi[e]));
         }
-        *reinterpret_cast<uint32_t*>(ct_buf + carry_offset(0, col)) = *reinterpret_cast<const uint32_t*>(hi.data());
-        *reinterpret_cast<uint32_t*>(ct_buf + carry_offset(1, col)) = *reinterpret_cast<const uint32_t*>(lo.data());
+        Elem* ct = ct_buf + (c & 1) * Tr::kCt;
+        *reinterpret_cast<uint32_t*>(ct + carry_offset(0, col)) = *reinterpret_cast<const uint32_t*>(hi.data());
+        *reinterpret_cast<uint32_t*>(ct + carry_offset(1, col)) = *reinterpret_cast<const uint32_t*>(lo.data());
         if (tile == 0) {
           float* dst = c < num_chunks ? p.norm_k_carry + ((norm_slot0 + c) * H + h) * DK : p.norm_z_final + z_row;
           *reinterpret_cast<float2*>(dst + col) = make_float2(carry[nb][0], carry[nb][1]);
@@ -370,7 +371,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         carry[nb][0] = carry[nb][2] = z.x;
         carry[nb][1] = carry[nb][3] = z.y;
       }
-      for (int i = tid; i < Tr::kCt; i += kWg) ct_buf[i] = Elem(0);   // rows 2-7 stay zero
+      for (int i = tid; i < 2 * Tr::kCt; i += kWg) ct_buf[i] = Elem(0);   // rows 2-7 stay zero
       bar_sync(kBarVs, kWg);                                           // before the carry's rows
       put_carry(0);
     }
@@ -382,18 +383,11 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       const float* G = g_buf + stage * C;
       const float g_last = G[C - 1];
       Tensor accX = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) X = Q S
-      Tensor accQc = partition_fragment_C(mma_qc, Shape<Int<C>, _8>{});      // (MMA, 1, 1) kDen: Q carry^T
       {
         Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
         Tensor tXrQ = thr_qk.partition_fragment_A(sQ);                       // (MMA, 1, DK/16)
         Tensor tXrSt = thr_qk.partition_fragment_B(sSt);                     // (MMA, 1, DK/16)
         wgmma_issue(mma_qk, tXrQ, tXrSt, accX, true);
-        if constexpr (kDen) {   // Q carry^T: <q, carry> in columns 0 (hi) and 1 (lo)
-          Tensor sCt = make_tensor(make_smem_ptr(ct_buf), typename Tr::LayoutCt{});   // (8, DK)
-          Tensor tQrQ = thr_qc.partition_fragment_A(sQ);                       // (MMA, 1, DK/16)
-          Tensor tQrCt = thr_qc.partition_fragment_B(sCt);                     // (MMA, 1, DK/16)
-          wgmma_issue(mma_qc, tQrQ, tQrCt, accQc, true);
-        }
       }
       if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);   // while the tensor cores work
       cp_async_fence();
@@ -402,13 +396,6 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
         warpgroup_wait<0>();
         fence_operand(accX);
-        if constexpr (kDen) {   // <q, carry> of rows r0, r0 + 8 to the output warpgroup (div_buf)
-          fence_operand(accQc);
-          if (lane % 4 == 0) {
-            div_buf[r0] = (accQc(0) + accQc(1)) / Tr::kCarryScale;
-            div_buf[r0 + 8] = (accQc(2) + accQc(3)) / Tr::kCarryScale;
-          }
-        }
         const float w[2] = {exp2_ftz(G[r0]) * p.scale_inter, exp2_ftz(G[r0 + 8]) * p.scale_inter};
         CUTE_UNROLL
         for (int j = 0; j < kX / 4; ++j)
@@ -444,6 +431,8 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     // ------------------------------------------------------------------ output warpgroup
     typename Tr::MmaPV mma_pv;
     auto thr_pv = mma_pv.get_thread_slice(tid);
+    typename Tr::MmaQc mma_qc;
+    auto thr_qc = mma_qc.get_thread_slice(tid);
     const Elem* other = static_cast<const Elem*>(p.dot_with) + h * DV + tile * BV;
     const int64_t norm_slot0 = chunk::walk_first_slot(p, n, seg_begin);   // the normaliser's carry rows
     static_assert(C + BV == kWg && BV == C, "the normaliser's loads: a thread per row, then per column");
@@ -454,7 +443,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       if (p.dots != nullptr)   // the dot partner has v's layout
         copy_chunk_rows<kRowsV>(dot_buf + stage * Tr::kV, smem_off_v, other, token(pos0 + rv0) * H * DV + cv, v_step,
                   rv0, rows_left);
-      const float* row_vals = kNorm ? p.norm_w : (kDen ? nullptr : p.o_row_div);   // kDen: div_buf is <q, carry>
+      const float* row_vals = kNorm ? p.norm_w : (kDen ? nullptr : p.o_row_div);
       if (row_vals != nullptr && tid < C) {   // zeros past the end
         const bool valid = tid < rows_left;
         cp_async_4(div_buf + stage * C + tid, row_vals + (valid ? token(pos0 + tid) * H + h : 0), valid);
@@ -493,12 +482,19 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       cp_async_wait<0>();
       bar_sync(kBarChunk, 2 * kWg);
       Tensor accS = partition_fragment_C(mma_qk, Shape<Int<C>, Int<C>>{});    // (MMA, 1, 1) Q K^T
+      Tensor accQc = partition_fragment_C(mma_qc, Shape<Int<C>, _8>{});       // (MMA, 1, 1) kDen: Q carry^T
       {
         Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
         Tensor sK = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
         Tensor tSrQ = thr_qk.partition_fragment_A(sQ);                          // (MMA, 1, DK/16)
         Tensor tSrK = thr_qk.partition_fragment_B(sK);                          // (MMA, 1, DK/16)
         wgmma_issue(mma_qk, tSrQ, tSrK, accS, true);
+        if constexpr (kDen) {   // <q, carry> in columns 0 (hi) and 1 (lo)
+          Tensor sCt = make_tensor(make_smem_ptr(ct_buf + stage * Tr::kCt), typename Tr::LayoutCt{});   // (8, DK)
+          Tensor tQrQ = thr_qc.partition_fragment_A(sQ);                        // (MMA, 1, DK/16)
+          Tensor tQrCt = thr_qc.partition_fragment_B(sCt);                      // (MMA, 1, DK/16)
+          wgmma_issue(mma_qc, tQrQ, tQrCt, accQc, true);
+        }
       }
       if (c + 1 < num_chunks) {   // while the tensor cores work
         load_chunk(c + 1, stage ^ 1);
@@ -510,6 +506,13 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         Tensor sVt = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutVt{});   // (BV, C)
         warpgroup_wait<0>();
         fence_operand(accS);
+        float q_carry[2];   // kDen: <q, carry> of rows r0, r0 + 8, from the quad's first lane
+        if constexpr (kDen) {
+          fence_operand(accQc);
+          CUTE_UNROLL
+          for (int h8 = 0; h8 < 2; ++h8)
+            q_carry[h8] = __shfl_sync(0xffffffffu, accQc(2 * h8) + accQc(2 * h8 + 1), lane & ~3) / Tr::kCarryScale;
+        }
         // P = S_qk * D * scale_intra, in the accumulator layout read as the A operand
         Tensor rP = make_tensor<Elem>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<C / 16>>,
                                              Stride<Stride<_1, _2, _4>, _0, _8>>{});   // (MMA, 1, C/16)
@@ -530,17 +533,38 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         Tensor accO = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) O
         Tensor tOrV = thr_pv.partition_fragment_B(sVt);                         // (MMA, 1, C/16)
         wgmma_issue(mma_pv, rP, tOrV, accO, true);
-        if constexpr (kDen) chunk::sum_over_quad(row_sum);
+        float inv[2] = {1.f, 1.f};   // kDen: 1 / den of rows r0, r0 + 8
+        if constexpr (kDen) {   // den = scale <q, carry> + the masked scores' row sum (+ 1e-10)
+          chunk::sum_over_quad(row_sum);
+          CUTE_UNROLL
+          for (int h8 = 0; h8 < 2; ++h8) {
+            const float den = row_sum[h8] + p.scale_inter * q_carry[h8] + 1e-10f;
+            const int64_t pos = seg_begin + int64_t(c) * C + r0 + 8 * h8;
+            if (tile == 0 && lane % 4 == 0 && pos < len) p.norm_den[token(pos) * H + h] = den;
+            inv[h8] = 1.f / den;
+          }
+        }
         warpgroup_wait<0>();
         fence_operand(accO);
-        bar_sync(kBarX, 2 * kWg);          // X (and <q, carry>) is in
+        if constexpr (kDen) {   // before the barrier: after it, X / den is one FMA per value
+          CUTE_UNROLL
+          for (int i = 0; i < size(accO); ++i) accO(i) *= inv[(i / 2) % 2];
+        }
+        bar_sync(kBarX, 2 * kWg);          // X is in
         CUTE_UNROLL
         for (int j = 0; j < kX / 4; ++j) {
           const float4 x = *x_vec(j);
-          accO(4 * j) += x.x;
-          accO(4 * j + 1) += x.y;
-          accO(4 * j + 2) += x.z;
-          accO(4 * j + 3) += x.w;
+          if constexpr (kDen) {
+            accO(4 * j) = fmaf(x.x, inv[0], accO(4 * j));
+            accO(4 * j + 1) = fmaf(x.y, inv[0], accO(4 * j + 1));
+            accO(4 * j + 2) = fmaf(x.z, inv[1], accO(4 * j + 2));
+            accO(4 * j + 3) = fmaf(x.w, inv[1], accO(4 * j + 3));
+          } else {
+            accO(4 * j) += x.x;
+            accO(4 * j + 1) += x.y;
+            accO(4 * j + 2) += x.z;
+            accO(4 * j + 3) += x.w;
+          }
         }
         if constexpr (kNorm) {   // + the carry, times w of the row (dq) or not (dk)
           const float* w = div_buf + stage * C;
@@ -555,18 +579,6 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
               accO(4 * nb + 2 * h8 + 1) += f[h8] * cr.y;
             }
           }
-        }
-        if constexpr (kDen) {   // den = scale <q, carry> + the masked scores' row sum (+ 1e-10)
-          float inv[2];
-          CUTE_UNROLL
-          for (int h8 = 0; h8 < 2; ++h8) {
-            const float den = row_sum[h8] + p.scale_inter * div_buf[r0 + 8 * h8] + 1e-10f;
-            const int64_t pos = seg_begin + int64_t(c) * C + r0 + 8 * h8;
-            if (tile == 0 && lane % 4 == 0 && pos < len) p.norm_den[token(pos) * H + h] = den;
-            inv[h8] = 1.f / den;
-          }
-          CUTE_UNROLL
-          for (int i = 0; i < size(accO); ++i) accO(i) *= inv[(i / 2) % 2];
         }
         // Epilogue. Optional per-row dot products with another tensor (dg of the backward).
         if (p.dots != nullptr) {   // partner rows were prefetched with the chunk (zeros past the end)
