@@ -271,8 +271,8 @@ bool chunk_fwd_folds_norm(const Tensor& q, const Tensor& v, const std::optional<
   const Dims d = check_inputs(q, q, v, std::nullopt, std::nullopt, cu_seqlens);
   const PassKernel kern = pass_kernel(d.K, d.V, q.get_device());
   if (!kern.sm90) return false;
-  Tensor unused = nothing(q);
-  ChunkParams p = pass_params(q, q, v, unused, nullptr, nullptr, cu_seqlens, d);
+  Tensor no_output = q;   // a handle, not an allocation: the split decision reads sizes only
+  ChunkParams p = pass_params(q, q, v, no_output, nullptr, nullptr, cu_seqlens, d);
   return pass_segments(p, q, kern, false) == 1;
 }
 
