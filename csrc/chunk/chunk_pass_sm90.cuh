@@ -321,25 +321,30 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     const int64_t norm_slot0 = chunk::walk_first_slot(p, n, seg_begin), z_row = (int64_t(n) * H + h) * DK;
     auto carry_col = [&](int nb) { return warp * (DK / 4) + 8 * nb + 2 * (lane % 4); };
     float carry[kCarryBlocks][4];
+    // Every lane holds the sums of its column pair of every n-block (all accumulator rows are
+    // the same): lane l stores row (l / 4) % 2 (hi, lo) of n-block l / 8, one store each and no
+    // branch (lanes past the warp's n-blocks at DK = 64 store nothing, by predicate).
     auto put_carry = [&](int c) {   // the carry before chunk c (c == num_chunks: z_final)
-      if (lane >= 4) return;
+      const int nb_mine = lane / 8, part = lane / 4 % 2;
+      float2 z = make_float2(0.f, 0.f);
       CUTE_UNROLL
-      for (int nb = 0; nb < kCarryBlocks; ++nb) {
-        const int col = carry_col(nb);
-        cute::array<Elem, 2> hi, lo;
-        CUTE_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          const float z = carry[nb][e] * Tr::kCarryScale;
-          hi[e] = static_cast<Elem>(z);
-          lo[e] = static_cast<Elem>(z - static_cast<float>(hi[e]));
-        }
-        Elem* ct = ct_buf + (c & 1) * Tr::kCt;
-        *reinterpret_cast<uint32_t*>(ct + carry_offset(0, col)) = *reinterpret_cast<const uint32_t*>(hi.data());
-        *reinterpret_cast<uint32_t*>(ct + carry_offset(1, col)) = *reinterpret_cast<const uint32_t*>(lo.data());
-        if (tile == 0) {
-          float* dst = c < num_chunks ? p.norm_k_carry + ((norm_slot0 + c) * H + h) * DK : p.norm_z_final + z_row;
-          *reinterpret_cast<float2*>(dst + col) = make_float2(carry[nb][0], carry[nb][1]);
-        }
+      for (int nb = 0; nb < kCarryBlocks; ++nb)
+        if (nb == nb_mine) z = make_float2(carry[nb][0], carry[nb][1]);
+      cute::array<Elem, 2> out;
+      CUTE_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const float x = (e ? z.y : z.x) * Tr::kCarryScale;
+        const Elem hi = static_cast<Elem>(x);
+        out[e] = part == 0 ? hi : static_cast<Elem>(x - static_cast<float>(hi));
+      }
+      const int col = carry_col(nb_mine);
+      const bool mine = nb_mine < kCarryBlocks;
+      if (mine)
+        *reinterpret_cast<uint32_t*>(ct_buf + (c & 1) * Tr::kCt + carry_offset(part, col)) =
+            *reinterpret_cast<const uint32_t*>(out.data());
+      if (mine && part == 0 && tile == 0) {
+        float* dst = c < num_chunks ? p.norm_k_carry + ((norm_slot0 + c) * H + h) * DK : p.norm_z_final + z_row;
+        *reinterpret_cast<float2*>(dst + col) = z;
       }
     };
     auto add_chunk_keys = [&](int stage) {   // carry += 1^T K of the chunk (zero-filled past the end)
@@ -371,8 +376,8 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         carry[nb][0] = carry[nb][2] = z.x;
         carry[nb][1] = carry[nb][3] = z.y;
       }
-      for (int i = tid; i < 2 * Tr::kCt; i += kWg) ct_buf[i] = Elem(0);   // rows 2-7 stay zero
-      bar_sync(kBarVs, kWg);                                           // before the carry's rows
+      for (int i = tid; i < 2 * Tr::kCt; i += kWg)   // rows 2-7 (64-element spans) stay zero;
+        if (i / 64 % 8 >= 2) ct_buf[i] = Elem(0);    // put_carry writes rows 0 and 1
       put_carry(0);
     }
     for (int c = 0; c < num_chunks; ++c) {
