@@ -52,7 +52,6 @@ using chunk::cp_async_4;
 using chunk::decay_mask_scores;
 using chunk::exp2_ftz;
 using chunk::raw_gate_at_token;
-using chunk::scale_rows_to_chunk_end;
 using chunk::scan_gate_pairs;
 
 __device__ __forceinline__ void fence_view_async_shared() {
@@ -81,6 +80,9 @@ struct Traits {
                                                                    GMMA::Major::K, GMMA::Major::MN>()));
   using MmaSU = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Elem, Elem, float, Shape<Int<BV>, Int<DK>, Int<C>>,
                                                                    GMMA::Major::MN, GMMA::Major::MN>()));
+  // the scalar-gate update takes V^T from registers, scaled there (no shared-memory round trip)
+  using MmaSURs = decltype(make_tiled_mma(SM90::GMMA::rs_op_selector<Elem, Elem, float, Shape<Int<BV>, Int<DK>, Int<C>>,
+                                                                     GMMA::Major::K, GMMA::Major::MN>()));
 
   using LayoutO = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Elem>{}, Shape<Int<C>, Int<BV>>{}));    // (C, BV)
   // The forward normaliser (kFoldDen): Q carry^T against the carry's rows, and the chunk's key
@@ -96,18 +98,18 @@ struct Traits {
   using StsmAtom = Copy_Atom<SM90_U32x4_STSM_N, Elem>;
   using LdsmAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
 
-  // Shared memory in elements from a 1024-byte aligned base: two stages of q, k, v; scaled v;
-  // S^T; two stages of the forward normaliser's carry (8, DK) (rows hi, lo, zeros); then fp32:
-  // X (C, BV), two stages of gates, of row divisors (or the normaliser's weights) and of the
-  // normaliser's carry rows; the dots partner (two stages) last, allocated only when a pass has
-  // dots.
+  // Shared memory in elements from a 1024-byte aligned base: two stages of q, k, v; S^T; two
+  // stages of the forward normaliser's carry (8, DK) (rows hi, lo, zeros); then fp32: X (C, BV),
+  // two stages of gates, of row divisors (or the normaliser's weights), of the normaliser's carry
+  // rows and of the update's row weights; the dots partner (two stages) last, allocated only
+  // when a pass has dots.
   static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK, kCt = 8 * DK;   // kCt: one stage of the carry
-  static constexpr int kOffQ = 0, kOffK = 2 * kQK, kOffV = 4 * kQK, kOffVs = kOffV + 2 * kV, kOffSt = kOffVs + kV;
+  static constexpr int kOffQ = 0, kOffK = 2 * kQK, kOffV = 4 * kQK, kOffSt = kOffV + 2 * kV;
   static constexpr int kOffCt = kOffSt + kSt, kOffF32 = kOffCt + 2 * kCt;
   // the fp32 part in floats, padded so that the dots partner starts on a kAlign boundary (its
   // ldmatrix reads assume the swizzle's absolute addresses)
   static constexpr int kAlign = 1024;   // the swizzle and the GMMA descriptors use absolute addresses
-  static constexpr int kF32 = (C * BV + 4 * C + 2 * BV + kAlign / 4 - 1) / (kAlign / 4) * (kAlign / 4);
+  static constexpr int kF32 = (C * BV + 6 * C + 2 * BV + kAlign / 4 - 1) / (kAlign / 4) * (kAlign / 4);
   static_assert(kOffF32 * int(sizeof(Elem)) % kAlign == 0, "the fp32 part starts aligned");
   static constexpr int kBytesNoDots = kOffF32 * int(sizeof(Elem)) + kF32 * int(sizeof(float));
   static constexpr int kBytesDots = kBytesNoDots + 2 * kV * int(sizeof(Elem));
@@ -145,9 +147,8 @@ __device__ __forceinline__ void wgmma_issue(Mma& mma, TA const& tA, TB const& tB
 }
 
 // Named barriers (0 is __syncthreads): the chunk's inputs are in (both warpgroups); X is
-// written (the state warpgroup arrives, the output warpgroup waits); the scaled v is written
-// (state warpgroup only).
-enum : int { kBarChunk = 1, kBarX = 2, kBarVs = 3 };
+// written (the state warpgroup arrives, the output warpgroup waits).
+enum : int { kBarChunk = 1, kBarX = 2 };
 __device__ __forceinline__ void bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
@@ -208,13 +209,13 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   Elem* const q_buf = smem + Tr::kOffQ;     // [2][C*DK]
   Elem* const k_buf = smem + Tr::kOffK;     // [2][C*DK]
   Elem* const v_buf = smem + Tr::kOffV;     // [2][C*BV]
-  Elem* const vs_buf = smem + Tr::kOffVs;   // [C*BV]  v * exp(G_last - G) * scale_update
   Elem* const st_buf = smem + Tr::kOffSt;   // [BV*DK] S^T in the input dtype
   Elem* const ct_buf = smem + Tr::kOffCt;   // [2][8*DK] the normaliser's carry, hi and lo rows (kDen)
   float* const x_buf = reinterpret_cast<float*>(smem + Tr::kOffF32);   // [C*BV] X, thread-major
   float* const g_buf = x_buf + C * BV;                                  // [2][C] cumulative gates (log2)
   float* const div_buf = g_buf + 2 * C;        // [2][C] output row divisors, or the normaliser's w
   float* const carry_buf = div_buf + 2 * C;    // [2][BV] the normaliser's carry at each chunk's start
+  float* const w_buf = carry_buf + 2 * BV;     // [2][C] the update's row weights 2^(G_last - G) * scale_update
   Elem* const dot_buf = reinterpret_cast<Elem*>(x_buf + Tr::kF32);    // [2][C*BV] rows of dot_with
 
   const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z / p.num_segs, seg = blockIdx.z % p.num_segs;
@@ -241,7 +242,15 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   // Warp 0 of the output warpgroup fetches a chunk's raw gates early and scans them late.
   float raw_gate0 = 0.f, raw_gate1 = 0.f;
   auto fetch_gates = [&](int c) { chunk::fetch_gate_pair(p, h, span, c, lane, raw_gate0, raw_gate1); };
-  auto scan_gates = [&](int stage) { scan_gate_pairs(raw_gate0, raw_gate1, lane, g_buf + stage * C); };
+  auto scan_gates = [&](int stage) {   // and the state update's row weights from them
+    const float* G = g_buf + stage * C;
+    scan_gate_pairs(raw_gate0, raw_gate1, lane, g_buf + stage * C);
+    __syncwarp();
+    const float2 g = *reinterpret_cast<const float2*>(G + 2 * lane);
+    const float g_last = G[C - 1];
+    *reinterpret_cast<float2*>(w_buf + stage * C + 2 * lane) =
+        make_float2(exp2_ftz(g_last - g.x) * p.scale_update, exp2_ftz(g_last - g.y) * p.scale_update);
+  };
 
   typename Tr::MmaQK mma_qk;
   auto thr_qk = mma_qk.get_thread_slice(tid);
@@ -256,7 +265,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
 
   if (state_wg) {
     // ------------------------------------------------------------------ state warpgroup
-    typename Tr::MmaSU mma_su;
+    typename Tr::MmaSURs mma_su;
     auto thr_su = mma_su.get_thread_slice(tid);
     const Elem* q = static_cast<const Elem*>(p.q) + h * DK;
     const Elem* k = static_cast<const Elem*>(p.k) + h * DK;
@@ -368,6 +377,32 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         }
       }
     };
+    // The update's A operand V^T diag(w) (BV, C) in registers, in the accumulator layout read as
+    // A (value 8 kb + 2 j + e: value column 16 warp + lane / 4 + 8 (j % 2), chunk row
+    // 16 kb + 8 (j / 2) + 2 (lane % 4) + e): ldmatrix.trans of the v tile gives register j of
+    // k-block kb, and each chunk row's weight scales it in fp32 (one rounding, as before).
+    auto load_scaled_vt = [&](int stage, auto& rVs) {
+      const Elem* vt = v_buf + stage * Tr::kV;
+      const float* w = w_buf + stage * C;
+      const int mat = lane / 8;
+      CUTE_UNROLL
+      for (int kb = 0; kb < C / 16; ++kb) {
+        const int row = 16 * kb + 8 * (mat / 2) + lane % 8, col = 16 * warp + 8 * (mat % 2);
+        uint32_t r[4];
+        SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(vt + qk_offset<BV>(row, col)), r[0], r[1],
+                                r[2], r[3]);
+        const float2 w_lo = *reinterpret_cast<const float2*>(w + 16 * kb + 2 * (lane % 4));
+        const float2 w_hi = *reinterpret_cast<const float2*>(w + 16 * kb + 8 + 2 * (lane % 4));
+        CUTE_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          const float2 wj = j < 2 ? w_lo : w_hi;
+          const float2 x = chunk::unpack_pair<Elem>(r[j]);
+          const uint32_t y = chunk::pack_pair<Elem>(x.x * wj.x, x.y * wj.y);
+          rVs(8 * kb + 2 * j) = reinterpret_cast<const Elem*>(&y)[0];
+          rVs(8 * kb + 2 * j + 1) = reinterpret_cast<const Elem*>(&y)[1];
+        }
+      }
+    };
     if constexpr (kDen) {
       CUTE_UNROLL
       for (int nb = 0; nb < kCarryBlocks; ++nb) {
@@ -396,8 +431,13 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       }
       if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);   // while the tensor cores work
       cp_async_fence();
-      // V scaled by its decay to the chunk end, for the state update
-      scale_rows_to_chunk_end<kRowsV>(v_buf + stage * Tr::kV, vs_buf, smem_off_v, G, rv0, p.scale_update);
+      // V^T scaled by each row's decay to the chunk end, the state update's A operand: made while
+      // X's wgmma runs where registers allow (DK = 128), after X's hand-over at DK = 64 (two
+      // blocks per SM: 128 registers)
+      Tensor tHrVs = make_tensor<Elem>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<C / 16>>,
+                                              Stride<Stride<_1, _2, _4>, _0, _8>>{});   // (MMA, 1, C/16)
+      constexpr bool kEarlyVs = DK == 128;
+      if constexpr (kEarlyVs) load_scaled_vt(stage, tHrVs);
       {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
         warpgroup_wait<0>();
         fence_operand(accX);
@@ -408,15 +448,13 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
                                   accX(4 * j + 3) * w[1]);
         bar_arrive(kBarX, 2 * kWg);
       }
-      fence_view_async_shared();
-      bar_sync(kBarVs, kWg);             // scaled v visible to the state update
+      if constexpr (!kEarlyVs) load_scaled_vt(stage, tHrVs);
       const float a = exp2_ftz(g_last);
       CUTE_UNROLL
       for (int i = 0; i < size(accH); ++i) accH(i) *= a;
       Tensor sKt = make_tensor(make_smem_ptr(k_buf + stage * Tr::kQK), typename Tr::LayoutKt{});  // (DK, C)
-      Tensor sVst = make_tensor(make_smem_ptr(vs_buf), typename Tr::LayoutVt{});                  // (BV, C)
-      Tensor tHrVs = thr_su.partition_fragment_A(sVst);                      // (MMA, 1, C/16)
       Tensor tHrK = thr_su.partition_fragment_B(sKt);                        // (MMA, 1, C/16)
+      CUTE_STATIC_ASSERT_V(size<2>(tHrVs) == size<2>(tHrK));
       wgmma_issue(mma_su, tHrVs, tHrK, accH, false);
       if constexpr (kDen) add_chunk_keys(stage);   // while the tensor cores update the state
       warpgroup_wait<0>();
