@@ -100,16 +100,16 @@ struct Traits {
 
   // Shared memory in elements from a 1024-byte aligned base: two stages of q, k, v; S^T; two
   // stages of the forward normaliser's carry (8, DK) (rows hi, lo, zeros); then fp32: X (C, BV),
-  // two stages of gates, of row divisors (or the normaliser's weights), of the normaliser's carry
-  // rows and of the update's row weights; the dots partner (two stages) last, allocated only
-  // when a pass has dots.
+  // two stages each of gates, row divisors (or the normaliser's weights), the normaliser's
+  // carry rows, the update's row weights and the raw gates; the dots partner (two stages) last,
+  // allocated only when a pass has dots.
   static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK, kCt = 8 * DK;   // kCt: one stage of the carry
   static constexpr int kOffQ = 0, kOffK = 2 * kQK, kOffV = 4 * kQK, kOffSt = kOffV + 2 * kV;
   static constexpr int kOffCt = kOffSt + kSt, kOffF32 = kOffCt + 2 * kCt;
   // the fp32 part in floats, padded so that the dots partner starts on a kAlign boundary (its
   // ldmatrix reads assume the swizzle's absolute addresses)
   static constexpr int kAlign = 1024;   // the swizzle and the GMMA descriptors use absolute addresses
-  static constexpr int kF32 = (C * BV + 6 * C + 2 * BV + kAlign / 4 - 1) / (kAlign / 4) * (kAlign / 4);
+  static constexpr int kF32 = (C * BV + 8 * C + 2 * BV + kAlign / 4 - 1) / (kAlign / 4) * (kAlign / 4);
   static_assert(kOffF32 * int(sizeof(Elem)) % kAlign == 0, "the fp32 part starts aligned");
   static constexpr int kBytesNoDots = kOffF32 * int(sizeof(Elem)) + kF32 * int(sizeof(float));
   static constexpr int kBytesDots = kBytesNoDots + 2 * kV * int(sizeof(Elem));
@@ -196,6 +196,53 @@ constexpr bool carry_offset_matches() {
 }
 static_assert(carry_offset_matches<64>() && carry_offset_matches<128>(), "carry_offset is the carry tile's layout");
 
+// One warp's scan of a chunk's gates (scan_gate_pairs, into G) and the state update's row
+// weights w = 2^(G_last - G) * scale_update from it (into w).
+__device__ __forceinline__ void scan_gates_and_weights(float raw0, float raw1, int lane, float* G, float* w,
+                                                       float scale_update) {
+  scan_gate_pairs(raw0, raw1, lane, G);
+  __syncwarp();
+  const float2 g = *reinterpret_cast<const float2*>(G + 2 * lane);
+  const float g_last = G[kChunk - 1];
+  *reinterpret_cast<float2*>(w + 2 * lane) =
+      make_float2(exp2_ftz(g_last - g.x) * scale_update, exp2_ftz(g_last - g.y) * scale_update);
+}
+
+// The state update's A operand Vs^T = V^T diag(w) (BV, C) in registers, in the accumulator
+// layout read as A (value 8 kb + 2 j + e: value column 16 warp + lane / 4 + 8 (j % 2), chunk
+// row 16 kb + 8 (j / 2) + 2 (lane % 4) + e): ldmatrix.trans of the (C, BV) v tile gives
+// register j of k-block kb, and each chunk row's weight scales it in fp32 (one rounding).
+// Through shared memory (scaled in place, read by an SS wgmma) it cost a generic-to-async
+// proxy fence and a barrier per chunk.
+template <typename Elem, int BV, class Frag>
+__device__ __forceinline__ void load_scaled_vt(const Elem* v_tile, const float* w, int warp, int lane, Frag& rVs) {
+  CUTE_STATIC_ASSERT_V(size(rVs) == Int<kChunk * BV / 128>{});
+  const int mat = lane / 8;
+  CUTE_UNROLL
+  for (int kb = 0; kb < kChunk / 16; ++kb) {
+    const int row = 16 * kb + 8 * (mat / 2) + lane % 8, col = 16 * warp + 8 * (mat % 2);
+    uint32_t r[4];
+    SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(v_tile + qk_offset<BV>(row, col)), r[0], r[1],
+                            r[2], r[3]);
+    const float2 w_lo = *reinterpret_cast<const float2*>(w + 16 * kb + 2 * (lane % 4));
+    const float2 w_hi = *reinterpret_cast<const float2*>(w + 16 * kb + 8 + 2 * (lane % 4));
+    CUTE_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const float2 wj = j < 2 ? w_lo : w_hi;
+      const float2 x = chunk::unpack_pair<Elem>(r[j]);
+      const uint32_t y = chunk::pack_pair<Elem>(x.x * wj.x, x.y * wj.y);
+      rVs(8 * kb + 2 * j) = reinterpret_cast<const Elem*>(&y)[0];
+      rVs(8 * kb + 2 * j + 1) = reinterpret_cast<const Elem*>(&y)[1];
+    }
+  }
+}
+
+// A register fragment for load_scaled_vt: (MMA, 1, C/16), the accumulator layout read as A.
+template <typename Elem>
+__device__ __forceinline__ auto make_vt_fragment() {
+  return make_tensor<Elem>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kChunk / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>{});
+}
+
 template <typename Elem_, int DK, int kFold = kFoldNone>
 __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass_sm90_kernel(const __grid_constant__ ChunkParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -216,6 +263,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   float* const div_buf = g_buf + 2 * C;        // [2][C] output row divisors, or the normaliser's w
   float* const carry_buf = div_buf + 2 * C;    // [2][BV] the normaliser's carry at each chunk's start
   float* const w_buf = carry_buf + 2 * BV;     // [2][C] the update's row weights 2^(G_last - G) * scale_update
+  float* const raw_buf = w_buf + 2 * C;        // [2][C] per-step raw gates (cp.async), by chunk parity
   Elem* const dot_buf = reinterpret_cast<Elem*>(x_buf + Tr::kF32);    // [2][C*BV] rows of dot_with
 
   const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z / p.num_segs, seg = blockIdx.z % p.num_segs;
@@ -239,17 +287,31 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   const int64_t v_step = (flip ? -kRowsV : kRowsV) * H * DV;
   const Elem* v = static_cast<const Elem*>(p.v) + h * DV + tile * BV;
 
-  // Warp 0 of the output warpgroup fetches a chunk's raw gates early and scans them late.
-  float raw_gate0 = 0.f, raw_gate1 = 0.f;
-  auto fetch_gates = [&](int c) { chunk::fetch_gate_pair(p, h, span, c, lane, raw_gate0, raw_gate1); };
-  auto scan_gates = [&](int stage) {   // and the state update's row weights from them
-    const float* G = g_buf + stage * C;
-    scan_gate_pairs(raw_gate0, raw_gate1, lane, g_buf + stage * C);
-    __syncwarp();
-    const float2 g = *reinterpret_cast<const float2*>(G + 2 * lane);
-    const float g_last = G[C - 1];
-    *reinterpret_cast<float2*>(w_buf + stage * C + 2 * lane) =
-        make_float2(exp2_ftz(g_last - g.x) * p.scale_update, exp2_ftz(g_last - g.y) * p.scale_update);
+  // Gates: warp 0 of the state warpgroup fetches chunk c + 2's per-step gates by cp.async with
+  // chunk c + 1's tiles, and scans chunk c + 1's after chunk c's state update (off the output
+  // warpgroup, whose work is the critical path). Not into registers: a wgmma's warpgroup.arrive
+  // waits for every pending register write, so an outstanding gate load stalled the next wgmma
+  // (the scan in either warpgroup with register loads cost 15-30 us per walk).
+  auto gate_pos = [&](int c, int e) { return seg_begin + int64_t(c) * C + 2 * lane + e; };
+  auto gate_valid = [&](int64_t pos) { return pos < len && !(flip && pos == 0); };   // see raw_gate_at
+  auto fetch_gates = [&](int c) {
+    if (p.g == nullptr) return;   // g_gamma or no gate: nothing per step
+    CUTE_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const int64_t pos = gate_pos(c, e);
+      const bool valid = gate_valid(pos);
+      const int64_t t = flip ? bos + len - pos : bos + pos;
+      cp_async_4(raw_buf + (c & 1) * C + 2 * lane + e, p.g + (valid ? t * H + h : 0), valid);
+    }
+  };
+  auto scan_gates = [&](int c) {   // and the state update's row weights from them
+    float raw[2];
+    CUTE_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const float fixed = p.g_gamma != nullptr ? p.g_gamma[h] : 0.f;
+      raw[e] = p.g != nullptr ? raw_buf[(c & 1) * C + 2 * lane + e] : (gate_valid(gate_pos(c, e)) ? fixed : 0.f);
+    }
+    scan_gates_and_weights(raw[0], raw[1], lane, g_buf + (c & 1) * C, w_buf + (c & 1) * C, p.scale_update);
   };
 
   typename Tr::MmaQK mma_qk;
@@ -317,8 +379,16 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     };
 
     if (num_chunks > 0) load_chunk(0, 0);
+    if (warp == 0) {   // chunk 0's and chunk 1's raw gates; chunk 0's scanned now
+      if (num_chunks > 0) fetch_gates(0);
+      if (num_chunks > 1) fetch_gates(1);
+    }
     cp_async_fence();
     store_state_smem();
+    if (warp == 0 && num_chunks > 0) {
+      cp_async_wait<0>();
+      scan_gates(0);
+    }
 
     // The forward normaliser (kDen): the key sums before each chunk (the carry) in the
     // accumulators of MMAs with an all-ones A: warp w sums the chunk's rows of its DK / 4
@@ -377,32 +447,6 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         }
       }
     };
-    // The update's A operand V^T diag(w) (BV, C) in registers, in the accumulator layout read as
-    // A (value 8 kb + 2 j + e: value column 16 warp + lane / 4 + 8 (j % 2), chunk row
-    // 16 kb + 8 (j / 2) + 2 (lane % 4) + e): ldmatrix.trans of the v tile gives register j of
-    // k-block kb, and each chunk row's weight scales it in fp32 (one rounding, as before).
-    auto load_scaled_vt = [&](int stage, auto& rVs) {
-      const Elem* vt = v_buf + stage * Tr::kV;
-      const float* w = w_buf + stage * C;
-      const int mat = lane / 8;
-      CUTE_UNROLL
-      for (int kb = 0; kb < C / 16; ++kb) {
-        const int row = 16 * kb + 8 * (mat / 2) + lane % 8, col = 16 * warp + 8 * (mat % 2);
-        uint32_t r[4];
-        SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(vt + qk_offset<BV>(row, col)), r[0], r[1],
-                                r[2], r[3]);
-        const float2 w_lo = *reinterpret_cast<const float2*>(w + 16 * kb + 2 * (lane % 4));
-        const float2 w_hi = *reinterpret_cast<const float2*>(w + 16 * kb + 8 + 2 * (lane % 4));
-        CUTE_UNROLL
-        for (int j = 0; j < 4; ++j) {
-          const float2 wj = j < 2 ? w_lo : w_hi;
-          const float2 x = chunk::unpack_pair<Elem>(r[j]);
-          const uint32_t y = chunk::pack_pair<Elem>(x.x * wj.x, x.y * wj.y);
-          rVs(8 * kb + 2 * j) = reinterpret_cast<const Elem*>(&y)[0];
-          rVs(8 * kb + 2 * j + 1) = reinterpret_cast<const Elem*>(&y)[1];
-        }
-      }
-    };
     if constexpr (kDen) {
       CUTE_UNROLL
       for (int nb = 0; nb < kCarryBlocks; ++nb) {
@@ -430,12 +474,15 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         wgmma_issue(mma_qk, tXrQ, tXrSt, accX, true);
       }
       if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);   // while the tensor cores work
+      if (warp == 0 && c + 2 < num_chunks) fetch_gates(c + 2);   // into chunk c's raw slot (scanned)
       cp_async_fence();
       // V^T scaled by each row's decay to the chunk end, the state update's A operand: made while
       // X's wgmma runs where registers allow (DK = 128), after X's hand-over at DK = 64 (two
       // blocks per SM: 128 registers)
-      Tensor tHrVs = make_tensor<Elem>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<C / 16>>,
-                                              Stride<Stride<_1, _2, _4>, _0, _8>>{});   // (MMA, 1, C/16)
+      Tensor tHrVs = make_vt_fragment<Elem>();   // (MMA, 1, C/16)
+      auto load_scaled_vt = [&](int stage, auto& rVs) {
+        chunk_sm90::load_scaled_vt<Elem, BV>(v_buf + stage * Tr::kV, w_buf + stage * C, warp, lane, rVs);
+      };
       constexpr bool kEarlyVs = DK == 128;
       if constexpr (kEarlyVs) load_scaled_vt(stage, tHrVs);
       {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
@@ -461,6 +508,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       fence_operand(accH);
       if constexpr (kDen) put_carry(c + 1);
       store_state_smem();   // read by the next chunk's X, after its barrier
+      if (warp == 0 && c + 1 < num_chunks) scan_gates(c + 1);   // its raw gates came with chunk c
     }
 
     if (p.ht != nullptr && seg == p.num_segs - 1) {
@@ -512,13 +560,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
           len, token);
     };
 
-    if (num_chunks > 0) {
-      load_chunk(0, 0);
-      if (warp == 0) {   // chunk 0's gates
-        fetch_gates(0);
-        scan_gates(0);
-      }
-    }
+    if (num_chunks > 0) load_chunk(0, 0);
     cp_async_fence();
     for (int c = 0; c < num_chunks; ++c) {
       const int stage = c & 1;
@@ -539,10 +581,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
           wgmma_issue(mma_qc, tQrQ, tQrCt, accQc, true);
         }
       }
-      if (c + 1 < num_chunks) {   // while the tensor cores work
-        load_chunk(c + 1, stage ^ 1);
-        if (warp == 0) fetch_gates(c + 1);
-      }
+      if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);   // while the tensor cores work
       cp_async_fence();
       {
         const float* G = g_buf + stage * C;
@@ -638,7 +677,6 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         if (!kDen && p.o_row_div != nullptr) chunk::divide_rows(accO, div_buf + stage * C, r0);
         store_output(accO, q_buf + stage * Tr::kQK, c);
       }
-      if (warp == 0 && c + 1 < num_chunks) scan_gates(stage ^ 1);
     }
   }
 #else

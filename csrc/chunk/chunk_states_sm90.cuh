@@ -1,7 +1,7 @@
 // The state-only launch of a split scalar-gate walk (chunk.h) on Hopper: each segment's
 // local state from zero,
 //   S^T <- exp(G_last) S^T + Vs^T K,        Vs = V * exp(G_last - G) * scale_update,
-// chunk after chunk, and its total log2 gate. The full pass (chunk_pass_sm90.cuh) then folds
+// chunk after chunk, and its total log2 gate (Vs^T made in registers, as in the pass). The full pass (chunk_pass_sm90.cuh) then folds
 // these in at each segment's start.
 //
 // Its own kernel because the state alone is a stream: per chunk 24-32 KB of k and v in, one
@@ -28,9 +28,10 @@ struct StatesTraits {
   using Elem = typename Pass::Elem;
   static constexpr int C = kChunk, DK = DK_, BV = Pass::BV, kWgs = 2, kThreads = 128 * kWgs, kStages = 3;
   static constexpr int kK = C * DK, kV = C * BV;
-  // per stage: k (C, DK), then one (C, BV) tile of v per warpgroup; then fp32 gates [kStages][C]
+  // per stage: k (C, DK), then one (C, BV) tile of v per warpgroup; then fp32 gates and the
+  // update's row weights, [kStages][C] each
   static constexpr int kStage = kK + kWgs * kV;
-  static constexpr int kBytes = kStages * kStage * int(sizeof(Elem)) + kStages * C * int(sizeof(float));
+  static constexpr int kBytes = kStages * kStage * int(sizeof(Elem)) + 2 * kStages * C * int(sizeof(float));
   static constexpr int kAlign = Pass::kAlign;
 };
 
@@ -45,6 +46,7 @@ __global__ void __launch_bounds__(256, 2) chunk_states_sm90_kernel(const __grid_
   extern __shared__ unsigned char smem_raw[];
   Elem* const smem = aligned_smem<Elem, Tr::kAlign>(smem_raw);
   float* const g_buf = reinterpret_cast<float*>(smem + kStages * Tr::kStage);   // [kStages][C] log2
+  float* const w_buf = g_buf + kStages * C;                                       // [kStages][C]
 
   // blockIdx.z = (n * (num_segs - 1) + seg) * parts + part: piece `part` of segment `seg` of
   // sequence n (not of the last segment: nobody starts after it)
@@ -88,10 +90,12 @@ __global__ void __launch_bounds__(256, 2) chunk_states_sm90_kernel(const __grid_
   // Warp 0 fetches chunk c + 2's raw gates at chunk c and scans them at chunk c + 1.
   float raw_gate0 = 0.f, raw_gate1 = 0.f;
   auto fetch_gates = [&](int c) { chunk::fetch_gate_pair(p, h, span, c, lane, raw_gate0, raw_gate1); };
-  auto scan_gates = [&](int stage) { chunk::scan_gate_pairs(raw_gate0, raw_gate1, lane, g_buf + stage * C); };
+  auto scan_gates = [&](int stage) {
+    scan_gates_and_weights(raw_gate0, raw_gate1, lane, g_buf + stage * C, w_buf + stage * C, p.scale_update);
+  };
   const bool gate_warp = threadIdx.x < 32;
 
-  typename Tr::Pass::MmaSU mma_su;
+  typename Tr::Pass::MmaSURs mma_su;
   auto thr_su = mma_su.get_thread_slice(tid);
   Tensor accH = partition_fragment_C(mma_su, Shape<Int<BV>, Int<DK>>{});   // (MMA, 1, 1) S^T
   Tensor tHcH = thr_su.partition_C(make_identity_tensor(Shape<Int<BV>, Int<DK>>{}));
@@ -123,16 +127,13 @@ __global__ void __launch_bounds__(256, 2) chunk_states_sm90_kernel(const __grid_
     const float g_last = G[C - 1];
     gate_sum += g_last;
     if (has_tile) {
-      // this warpgroup's v tile scaled in place (each thread its own vectors)
-      chunk::scale_rows_to_chunk_end<kRowsV>(v_tile(stage), v_tile(stage), smem_off_v, G, rv0, p.scale_update);
-      fence_view_async_shared();
-      bar_sync(1 + wg, kWg);
+      // this warpgroup's v tile, scaled, in registers: the update's A operand
+      Tensor tHrVs = make_vt_fragment<Elem>();   // (MMA, 1, C/16)
+      load_scaled_vt<Elem, BV>(v_tile(stage), w_buf + stage * C, tid / 32, lane, tHrVs);
       const float a = exp2_ftz(g_last);
       CUTE_UNROLL
       for (int i = 0; i < size(accH); ++i) accH(i) *= a;
       Tensor sKt = make_tensor(make_smem_ptr(k_tile(stage)), typename Tr::Pass::LayoutKt{});   // (DK, C)
-      Tensor sVst = make_tensor(make_smem_ptr(v_tile(stage)), typename Tr::Pass::LayoutVt{});  // (BV, C)
-      Tensor tHrVs = thr_su.partition_fragment_A(sVst);   // (MMA, 1, C/16)
       Tensor tHrK = thr_su.partition_fragment_B(sKt);     // (MMA, 1, C/16)
       wgmma_issue(mma_su, tHrVs, tHrK, accH, false);
       warpgroup_wait<0>();
