@@ -1,8 +1,8 @@
 // The state-only launch of a split scalar-gate walk (chunk.h) on Hopper: each segment's
 // local state from zero,
 //   S^T <- exp(G_last) S^T + Vs^T K,        Vs = V * exp(G_last - G) * scale_update,
-// chunk after chunk, and its total log2 gate (Vs^T made in registers, as in the pass). The full pass (chunk_pass_sm90.cuh) then folds
-// these in at each segment's start.
+// chunk after chunk (Vs^T made in registers, as in the pass), and its total log2 gate. The
+// full pass (chunk_pass_sm90.cuh) then folds these in at each segment's start.
 //
 // Its own kernel because the state alone is a stream: per chunk 24-32 KB of k and v in, one
 // wgmma, nothing out. The full pass's state-only mode (one 256-thread block of 210 registers
