@@ -293,24 +293,20 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   // waits for every pending register write, so an outstanding gate load stalled the next wgmma
   // (the scan in either warpgroup with register loads cost 15-30 us per walk).
   auto gate_pos = [&](int c, int e) { return seg_begin + int64_t(c) * C + 2 * lane + e; };
-  auto gate_valid = [&](int64_t pos) { return pos < len && !(flip && pos == 0); };   // see raw_gate_at
   auto fetch_gates = [&](int c) {
     if (p.g == nullptr) return;   // g_gamma or no gate: nothing per step
     CUTE_UNROLL
     for (int e = 0; e < 2; ++e) {
-      const int64_t pos = gate_pos(c, e);
-      const bool valid = gate_valid(pos);
-      const int64_t t = flip ? bos + len - pos : bos + pos;
+      int64_t t;
+      const bool valid = chunk::gate_token(p, span, gate_pos(c, e), t);
       cp_async_4(raw_buf + (c & 1) * C + 2 * lane + e, p.g + (valid ? t * H + h : 0), valid);
     }
   };
   auto scan_gates = [&](int c) {   // and the state update's row weights from them
     float raw[2];
     CUTE_UNROLL
-    for (int e = 0; e < 2; ++e) {
-      const float fixed = p.g_gamma != nullptr ? p.g_gamma[h] : 0.f;
-      raw[e] = p.g != nullptr ? raw_buf[(c & 1) * C + 2 * lane + e] : (gate_valid(gate_pos(c, e)) ? fixed : 0.f);
-    }
+    for (int e = 0; e < 2; ++e)   // per step from the copies; g_gamma or none read directly
+      raw[e] = p.g != nullptr ? raw_buf[(c & 1) * C + 2 * lane + e] : chunk::raw_gate_at(p, h, span, gate_pos(c, e));
     scan_gates_and_weights(raw[0], raw[1], lane, g_buf + (c & 1) * C, w_buf + (c & 1) * C, p.scale_update);
   };
 
@@ -480,11 +476,9 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       // X's wgmma runs where registers allow (DK = 128), after X's hand-over at DK = 64 (two
       // blocks per SM: 128 registers)
       Tensor tHrVs = make_vt_fragment<Elem>();   // (MMA, 1, C/16)
-      auto load_scaled_vt = [&](int stage, auto& rVs) {
-        chunk_sm90::load_scaled_vt<Elem, BV>(v_buf + stage * Tr::kV, w_buf + stage * C, warp, lane, rVs);
-      };
+      auto make_vs = [&] { load_scaled_vt<Elem, BV>(v_buf + stage * Tr::kV, w_buf + stage * C, warp, lane, tHrVs); };
       constexpr bool kEarlyVs = DK == 128;
-      if constexpr (kEarlyVs) load_scaled_vt(stage, tHrVs);
+      if constexpr (kEarlyVs) make_vs();
       {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
         warpgroup_wait<0>();
         fence_operand(accX);
@@ -495,7 +489,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
                                   accX(4 * j + 3) * w[1]);
         bar_arrive(kBarX, 2 * kWg);
       }
-      if constexpr (!kEarlyVs) load_scaled_vt(stage, tHrVs);
+      if constexpr (!kEarlyVs) make_vs();
       const float a = exp2_ftz(g_last);
       CUTE_UNROLL
       for (int i = 0; i < size(accH); ++i) accH(i) *= a;

@@ -70,11 +70,18 @@ __device__ __forceinline__ float raw_gate_at_token(const ChunkParams& p, int h, 
   return p.g != nullptr ? p.g[t * p.H + h] : (p.g_gamma != nullptr ? p.g_gamma[h] : 0.f);
 }
 
-// The raw log gate applied to the state before processing position pos (see chunk.h for the
-// reverse shift), not yet clamped: the clamp waits for the load, so it comes with the scan.
+// Whether a gate applies to the state before processing position pos of the walk (see chunk.h
+// for the reverse shift), and the token it is read at.
+__device__ __forceinline__ bool gate_token(const ChunkParams& p, const WalkSpan& s, int64_t pos, int64_t& t) {
+  t = p.reverse ? s.bos + s.len - pos : s.bos + pos;
+  return pos < s.len && !(p.reverse && pos == 0);
+}
+
+// The raw log gate applied to the state before processing position pos, not yet clamped: the
+// clamp waits for the load, so it comes with the scan.
 __device__ __forceinline__ float raw_gate_at(const ChunkParams& p, int h, const WalkSpan& s, int64_t pos) {
-  if (pos >= s.len || (p.reverse && pos == 0)) return 0.f;
-  return raw_gate_at_token(p, h, p.reverse ? s.bos + s.len - pos : s.bos + pos);
+  int64_t t;
+  return gate_token(p, s, pos, t) ? raw_gate_at_token(p, h, t) : 0.f;
 }
 
 // Lane `lane`'s raw gates of chunk c of the block's walk: positions 2 lane and 2 lane + 1.
