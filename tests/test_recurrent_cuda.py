@@ -157,6 +157,49 @@ def test_decode_kernel_edges(fam, K, V, HV, with_h0, dtype):
     check(run_both(fam, x, h0=h0, grad=False, scale=0.3), dtype)
 
 
+@pytest.mark.parametrize("fam", ["simple_gla", "gated_delta_rule", "dplr"])
+@pytest.mark.parametrize("case", ["no_final_state", "unaligned_h0", "fp32_k64"])
+def test_decode_state_io(fam, case):
+    """The decode step with a state in and none out, with an h0 the decode kernel's 16-byte
+    copies cannot read (a 4-byte offset: the walk kernel takes it), and at K = 64 in fp32."""
+    from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
+    K, dtype = (64, torch.float32) if case == "fp32_k64" else (128, torch.bfloat16)
+    x = make_inputs(fam, 150, 1, 2, K, 64, dtype, seed=7)
+    h0 = torch.randn(150 * 2 * K * 64 + 1, device="cuda")
+    h0 = h0[1:].view(150, 2, K, 64) if case == "unaligned_h0" else h0[:-1].view(150, 2, K, 64)
+    final = case != "no_final_state"
+    delta = FAMILIES[fam].get("delta", False)
+    args = {n: t for n, t in x.items() if n not in ("q", "k", "v")}
+    o, ht = fused_recurrent_cuda(x["q"], x["k"], x["v"], delta=delta, scale=0.3, initial_state=h0,
+                                 output_final_state=final, **args)
+    ref = {n: t.double() for n, t in x.items()}
+    rargs = {n: t for n, t in ref.items() if n not in ("q", "k", "v")}
+    ro, rht = recurrence_reference(ref["q"], ref["k"], ref["v"], delta=delta, scale=0.3,
+                                   initial_state=h0.double(), output_final_state=True, **rargs)
+    assert_close("o", ro, o, tol(dtype))
+    if final:
+        assert_close("ht", rht, ht, tol(dtype))
+    else:
+        assert ht is None
+
+
+def test_decode_kernel_choice():
+    """The decode step runs the persistent decode kernel; an h0 its 16-byte copies cannot read
+    (a 4-byte offset) goes to the walk kernel."""
+    from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
+    from tests.utils import cuda_kernel_names
+    x = make_inputs("simple_gla", 8, 1, 2, 128, 128, torch.bfloat16)
+    h0 = torch.randn(8 * 2 * 128 * 128 + 1, device="cuda")
+
+    def names(state):
+        return cuda_kernel_names(lambda: fused_recurrent_cuda(x["q"], x["k"], x["v"], g=x["g"], scale=0.1,
+                                                              initial_state=state, output_final_state=True))
+    aligned, unaligned = names(h0[:-1].view(8, 2, 128, 128)), names(h0[1:].view(8, 2, 128, 128))
+    assert any("recurrent_decode_kernel" in n for n in aligned), aligned
+    assert not any("recurrent_decode_kernel" in n for n in unaligned), unaligned
+    assert any("recurrent_fwd_kernel" in n for n in unaligned), unaligned
+
+
 def test_decode_kernel_l2norm():
     from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
     x = make_inputs("gated_delta_rule", 200, 1, 4, 128, 128, torch.bfloat16, seed=5)
