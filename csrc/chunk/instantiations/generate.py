@@ -1,8 +1,8 @@
 """Writes one .cu per (head dim of q/k, dtype) of the chunk pass kernel, of its GLA mode and
-of the wgmma pass, its normaliser variants (gradient, forward) and its state-only launch (head dims 64,
-128), of the GLA intra-chunk kernels (forward per head dim; the backward takes K and V at run
-time, one per dtype), so ninja compiles them in parallel. Run from anywhere:
-python csrc/chunk/instantiations/generate.py
+of the wgmma pass, its normaliser variants (gradient, forward), its state-only launch and the
+GLA mode's two launches (head dims 64, 128), of the GLA intra-chunk kernels (forward per head
+dim; the backward takes K and V at run time, one per dtype), so ninja compiles them in
+parallel. Run from anywhere: python csrc/chunk/instantiations/generate.py
 """
 import os
 
@@ -44,6 +44,8 @@ for dk in HEADDIMS:
                   f"int fla::chunk_states_sm90_blocks_per_sm<{args}>()")
             write(f"chunk_pass_gla_sm90_dk{dk}_{name}.cu", "chunk_pass_gla_sm90.cuh",
                   f"void fla::run_chunk_pass_gla_sm90<{args}>{PASS}")
+            write(f"chunk_pass_gla_sm90_states_dk{dk}_{name}.cu", "chunk_pass_gla_sm90.cuh",
+                  f"void fla::run_chunk_pass_gla_sm90_states<{args}>{PASS}")
 
 for name, ctype in DTYPES.items():
     write(f"gla_bwd_intra_{name}.cu", "gla_bwd_intra_kernel.cuh",
