@@ -6,12 +6,13 @@
 //
 // Every read of X(i) comes before the output warpgroup's bar.sync 1 of step i + 1, and the
 // state warpgroup writes X(i + 1) only after that barrier completes: no race. On the H200
-// (2026-11-30, CUDA 13.0 driver tools), for both variants, with the plain run clean:
-//   - racecheck reports write/read hazards between those lines (8), also with the non-aligned
-//     barrier.sync / barrier.arrive: it does not follow this hand-over;
-//   - synccheck reports "Divergent thread(s) in block" and stops the kernel; with barrier.sync /
-//     barrier.arrive (no .aligned: the warpgroups reach one barrier from different
-//     instructions, which .aligned, i.e. bar.sync, excludes) it reports 0 errors.
+// (2026-11-30, CUDA 13.0 tools), with the plain runs clean:
+//   - racecheck reports write/read hazards between those lines (8 over the program, the ones
+//     listed in the two-barrier variant), also with the non-aligned barrier.sync /
+//     barrier.arrive: it does not follow this hand-over;
+//   - synccheck reports "Divergent thread(s) in block" and stops both variants; with
+//     barrier.sync / barrier.arrive (no .aligned: the warpgroups reach one barrier from
+//     different instructions, which .aligned, i.e. bar.sync, excludes) it reports 0 errors.
 // The reports on chunk_pass_sm90 and chunk_pass_gla_sm90 have the same shape (bench/NOTES.md,
 // session 15). Swap the two asm strings below to see the second case.
 //
