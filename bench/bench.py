@@ -700,7 +700,7 @@ def derived(row: dict) -> dict:
 
 TABLE_COLS = [("op", "op"), ("mode", "mode"), ("shape", "B,T,H,K,V"), ("backend", "ours ran"),
               ("ms", "ms"), ("fla_ms", "FLA ms"), ("sdpa_ms", "SDPA ms"), ("floor_ms", "floor ms"),
-              ("x_floor", "x floor"), ("speedup_vs_fla", "vs FLA"), ("speedup_vs_sdpa", "vs SDPA"),
+              ("copy_ms", "copy ms"), ("x_floor", "x floor"), ("speedup_vs_fla", "vs FLA"), ("speedup_vs_sdpa", "vs SDPA"),
               ("first_call_s", "1st call s"), ("fla_first_call_s", "FLA 1st call s"),
               ("peak_mb", "peak MB"), ("note", "note")]
 
@@ -759,7 +759,8 @@ roofline). Memory floor: every input read once and every output written once at 
 size (bf16 2 B, fp32 gates and states 4 B); fwdbwd adds a backward that reads the inputs and `do`
 once and writes one gradient per differentiable input; bytes / the device-to-device copy
 bandwidth measured at the start of the run (read + written; `copy bandwidth` above; 3.02 TB/s on
-the H100). Compute floor: tensor-core FLOPs of the chunkwise algorithm, chunk C = 64,
+the H100) with a 512 MiB copy. `copy ms` (decode rows): a device copy of the floor's bytes timed
+like the op, launch and ramp-up included: what that bandwidth gives at the row's size. Compute floor: tensor-core FLOPs of the chunkwise algorithm, chunk C = 64,
 per token and head: linear attention / simple GLA / GLA 4KV + 2C(K+V); (gated) delta rule
 6KV + 6CK + 4CV + C^2/3; IPLR / DPLR 8KV + 10CK + 8CV + C^2/3; backward = 2x forward; decode steps
 4KV / 6KV / 8KV; FLOPs / 785 TFLOP/s (dense bf16 matmul). `vs FLA`, `vs SDPA` = their ms / our ms
@@ -848,6 +849,7 @@ class Runner:
         self.fatal: str | None = None
         self.ours_failed = 0
         self.sdpa_cache: dict = {}
+        self.copy_cache: dict = {}
         self.copy_bw = COPY_BW   # the memory floors' bandwidth; measured by cuda_warmup on a GPU
         self.rows: list[dict] = []
         self.meta = {}
@@ -914,6 +916,18 @@ class Runner:
             del ssets
         self.sdpa_cache[key] = res
         return res
+
+    def copy_ref(self, nbytes: float, n: int) -> dict:
+        """``dst.copy_(src)`` of nbytes / 2 (read + written: nbytes), over n rotated buffer pairs."""
+        half = int(nbytes // 2)
+        if half not in self.copy_cache:
+            pairs = [(torch.empty(half, dtype=torch.uint8, device=self.device),
+                      torch.empty(half, dtype=torch.uint8, device=self.device)) for _ in range(max(n, 2))]
+            for src, _ in pairs:
+                src.random_(0, 255)
+            self.copy_cache[half] = self.measure("copy", lambda pr: (lambda: pr[1].copy_(pr[0])), pairs, first=False)
+            del pairs
+        return self.copy_cache[half]
 
     def fla_plan(self, op: OpSpec, mode: str) -> str | None:
         """None to run FLA, else the reason it is not run."""
@@ -982,6 +996,13 @@ class Runner:
                 if not self.a.skip_fla_first_call:
                     row["fla_first_call_s"] = r["first_call_s"]
                 notes += [r[k] for k in ("error", "graph_error") if r.get(k)]
+
+        # A device copy of the floor's bytes, timed the same way: what the memory floor's
+        # bandwidth gives at this size, launch and ramp-up included (decode rows only).
+        if mode == "decode" and self.device.type == "cuda":
+            c = self.copy_ref(fl["bytes"], len(sets))
+            row["copy_ms"] = c.get("ms")
+            notes += [c[k] for k in ("error", "graph_error") if c.get(k)]
 
         # SDPA
         s = self.sdpa(mode, B, T, H, K, V, sets, dout)

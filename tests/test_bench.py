@@ -262,6 +262,11 @@ def test_derived_and_markdown_table():
     assert all(line.count("|") == len(bench.TABLE_COLS) + 1 for line in lines)
     assert "| 4.00x | 2.00x | 0.50x |" in lines[2]
     assert "a/b" in lines[3] and "| - |" in lines[3]
+    # decode rows carry the time of a device copy of the floor's bytes, after the floor
+    dec = bench.markdown_table([_row(mode="decode", T=1, floor_ms=0.033, copy_ms=0.0374)]).strip().split("\n")
+    cols = [h for _, h in bench.TABLE_COLS]
+    assert cols.index("copy ms") == cols.index("floor ms") + 1
+    assert "| 0.033 | 0.037 |" in dec[2]
 
 
 def test_merge_rows():

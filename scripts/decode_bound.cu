@@ -1,0 +1,232 @@
+// What bounds the decode step? The simple-GLA step (S' = exp(g) S + k v^T, o = scale S'^T q)
+// on B*H = 1024 heads of K = V = 128 fp32 states, in layouts that differ only in how a block
+// tiles the state, timed next to a plain float4 copy of the same bytes. Not part of the
+// extension: a measurement, run by hand on the GPU host.
+//   nvcc -O3 -arch=sm_90a -o /tmp/decode_bound scripts/decode_bound.cu && /tmp/decode_bound
+//
+// H200, 2026-12-01 00:00Z (CUDA events around each launch, median of 200):
+//   copy (float4, 4 per thread)                  39.4-40.2 us  (3.34-3.41 TB/s)
+//   step, BV=32, 128 threads (8 rows x 4 cols)   50.0 us
+//   step, BV=32,  64 threads (16 rows)           58.4 us
+//   step, BV=64, 256 threads (8 rows)            67.3 us
+//   step, BV=32, 256 threads (4 rows)            70.8 us
+//   step, BV=64 / 128, 512-1024 threads          76-83 us
+// A block whose life is load -> compute -> store keeps too little in flight: the best of these
+// is 1.25x the copy, where the extension's persistent, pipelined decode kernel measures about
+// 1.1x it. And a copy of these 134 MB, timed per launch, is itself about 1.2x the 512 MiB
+// copy's bandwidth (4.1-4.2 TB/s) that the bench's memory floor uses.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                                        \
+  do {                                                                                  \
+    cudaError_t e_ = (x);                                                               \
+    if (e_ != cudaSuccess) {                                                            \
+      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));   \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+constexpr int K = 128, V = 128;
+
+struct Args {
+  const __nv_bfloat16 *q, *k, *v;
+  const float* g;
+  const float* h0;
+  float* ht;
+  __nv_bfloat16* o;
+  float scale;
+  int heads;
+};
+
+__global__ void copy_kernel(const float4* __restrict__ src, float4* __restrict__ dst, int64_t n4) {
+  constexpr int U = 4;
+  const int64_t base = (static_cast<int64_t>(blockIdx.x) * blockDim.x * U) + threadIdx.x;
+  float4 r[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t i = base + u * blockDim.x;
+    if (i < n4) r[u] = src[i];
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t i = base + u * blockDim.x;
+    if (i < n4) dst[i] = r[u];
+  }
+}
+
+// Block = (head, BVT value columns), THREADS threads. A thread owns 4 consecutive columns
+// (16-byte loads and stores) and RPT consecutive rows; lanes sharing a column group are
+// reduced with shuffles, warps through shared memory.
+template <int BVT, int THREADS, int MINB>
+__global__ void __launch_bounds__(THREADS, MINB) step_kernel(const Args a) {
+  constexpr int C4 = BVT / 4;                 // column groups per tile
+  constexpr int RG = THREADS / C4;            // row groups
+  constexpr int RPT = K / RG;                 // rows per thread
+  constexpr int LANE_RG = 32 / C4;            // row groups within a warp
+  constexpr int W = THREADS / 32;
+  constexpr int TILES = V / BVT;
+  static_assert(C4 <= 32 && RPT >= 1 && RG * RPT == K, "layout");
+  __shared__ float red[W][BVT];
+
+  const int head = blockIdx.x / TILES, vt = blockIdx.x % TILES;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int c4 = lane % C4, rg = warp * LANE_RG + lane / C4;
+  const int col = vt * BVT + c4 * 4, row0 = rg * RPT;
+  const float* h0 = a.h0 + static_cast<int64_t>(head) * K * V;
+  float* ht = a.ht + static_cast<int64_t>(head) * K * V;
+
+  float4 s[RPT];
+#pragma unroll
+  for (int j = 0; j < RPT; ++j) s[j] = *reinterpret_cast<const float4*>(h0 + (row0 + j) * V + col);
+  const float decay = __expf(a.g[head]);
+  float kr[RPT], qr[RPT];
+#pragma unroll
+  for (int j = 0; j < RPT; ++j) {
+    kr[j] = __bfloat162float(a.k[head * K + row0 + j]);
+    qr[j] = __bfloat162float(a.q[head * K + row0 + j]) * a.scale;
+  }
+  float vc[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) vc[i] = __bfloat162float(a.v[head * V + col + i]);
+
+  float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < RPT; ++j) {
+    s[j].x = s[j].x * decay + kr[j] * vc[0];
+    s[j].y = s[j].y * decay + kr[j] * vc[1];
+    s[j].z = s[j].z * decay + kr[j] * vc[2];
+    s[j].w = s[j].w * decay + kr[j] * vc[3];
+    part[0] += qr[j] * s[j].x;
+    part[1] += qr[j] * s[j].y;
+    part[2] += qr[j] * s[j].z;
+    part[3] += qr[j] * s[j].w;
+    *reinterpret_cast<float4*>(ht + (row0 + j) * V + col) = s[j];
+  }
+#pragma unroll
+  for (int off = C4; off < 32; off <<= 1)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part[i] += __shfl_xor_sync(0xffffffffu, part[i], off);
+  if (lane < C4)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][c4 * 4 + i] = part[i];
+  __syncthreads();
+  if (threadIdx.x < BVT) {
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < W; ++w) o += red[w][threadIdx.x];
+    a.o[head * V + vt * BVT + threadIdx.x] = __float2bfloat16(o);
+  }
+}
+
+template <int BVT, int THREADS, int MINB>
+void launch_step(const Args& a, cudaStream_t st) {
+  step_kernel<BVT, THREADS, MINB><<<a.heads * (V / BVT), THREADS, 0, st>>>(a);
+}
+
+int main() {
+  const int heads = 64 * 16;
+  const int64_t nstate = static_cast<int64_t>(heads) * K * V;
+  constexpr int SETS = 2;  // alternate input sets: 2 x 134 MB, beyond L2
+  std::vector<Args> args(SETS);
+  std::vector<__nv_bfloat16> hq(heads * K), hk(heads * K), hv(heads * V);
+  std::vector<float> hg(heads), hh(nstate);
+  srand(1);
+  auto rnd = [] { return static_cast<float>(rand()) / RAND_MAX * 2.f - 1.f; };
+  for (auto& x : hq) x = __float2bfloat16(rnd());
+  for (auto& x : hk) x = __float2bfloat16(rnd());
+  for (auto& x : hv) x = __float2bfloat16(rnd());
+  for (auto& x : hg) x = -std::log1p(std::exp(-rnd() * 3.f));  // logsigmoid
+  for (auto& x : hh) x = rnd();
+  for (auto& a : args) {
+    __nv_bfloat16 *q, *k, *v, *o;
+    float *g, *h0, *ht;
+    CHECK(cudaMalloc(&q, heads * K * 2));
+    CHECK(cudaMalloc(&k, heads * K * 2));
+    CHECK(cudaMalloc(&v, heads * V * 2));
+    CHECK(cudaMalloc(&o, heads * V * 2));
+    CHECK(cudaMalloc(&g, heads * 4));
+    CHECK(cudaMalloc(&h0, nstate * 4));
+    CHECK(cudaMalloc(&ht, nstate * 4));
+    CHECK(cudaMemcpy(q, hq.data(), heads * K * 2, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(k, hk.data(), heads * K * 2, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(v, hv.data(), heads * V * 2, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(g, hg.data(), heads * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(h0, hh.data(), nstate * 4, cudaMemcpyHostToDevice));
+    a = Args{q, k, v, g, h0, ht, o, 1.f / std::sqrt(static_cast<float>(K)), heads};
+  }
+  cudaStream_t st;
+  CHECK(cudaStreamCreate(&st));
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+
+  // Reference o and ht for a few heads, on the host in double.
+  auto check = [&](const char* name) {
+    std::vector<__nv_bfloat16> o(heads * V);
+    std::vector<float> ht(nstate);
+    CHECK(cudaMemcpy(o.data(), args[0].o, heads * V * 2, cudaMemcpyDeviceToHost));
+    CHECK(cudaMemcpy(ht.data(), args[0].ht, nstate * 4, cudaMemcpyDeviceToHost));
+    double err_o = 0, err_h = 0;
+    for (int head : {0, 1, 517, heads - 1}) {
+      for (int c = 0; c < V; ++c) {
+        double acc = 0;
+        for (int r = 0; r < K; ++r) {
+          const int64_t i = (static_cast<int64_t>(head) * K + r) * V + c;
+          const double s = std::exp(static_cast<double>(hg[head])) * hh[i] +
+                           static_cast<double>(__bfloat162float(hk[head * K + r])) * __bfloat162float(hv[head * V + c]);
+          err_h = std::fmax(err_h, std::fabs(s - ht[i]));
+          acc += s * __bfloat162float(hq[head * K + r]);
+        }
+        acc *= args[0].scale;
+        err_o = std::fmax(err_o, std::fabs(acc - __bfloat162float(o[head * V + c])) / (std::fabs(acc) + 1e-2));
+      }
+    }
+    std::printf("  %-28s max |ht err| %.2e, max rel o err %.2e\n", name, err_h, err_o);
+  };
+  auto time = [&](const char* name, auto&& launch, bool verify) {
+    for (int i = 0; i < 5; ++i) launch(args[i % SETS]);
+    CHECK(cudaStreamSynchronize(st));
+    CHECK(cudaGetLastError());
+    constexpr int reps = 200;
+    std::vector<float> ms(reps);
+    for (int i = 0; i < reps; ++i) {
+      CHECK(cudaEventRecord(e0, st));
+      launch(args[i % SETS]);
+      CHECK(cudaEventRecord(e1, st));
+      CHECK(cudaEventSynchronize(e1));
+      CHECK(cudaEventElapsedTime(&ms[i], e0, e1));
+    }
+    std::sort(ms.begin(), ms.end());
+    const double med = ms[reps / 2] * 1e3;
+    std::printf("%-34s %7.1f us  %5.2f TB/s (state read + written)\n", name, med, 2.0 * nstate * 4 / (med * 1e-6) / 1e12);
+    if (verify) {
+      launch(args[0]);
+      CHECK(cudaStreamSynchronize(st));
+      check(name);
+    }
+  };
+  const int64_t n4 = nstate / 4;
+  time("copy float4 x4/thread, 256 thr", [&](const Args& a) {
+    copy_kernel<<<static_cast<unsigned>((n4 + 1023) / 1024), 256, 0, st>>>(reinterpret_cast<const float4*>(a.h0),
+                                                                            reinterpret_cast<float4*>(a.ht), n4);
+  }, false);
+  time("step BV=32 256thr (4 rows)", [&](const Args& a) { launch_step<32, 256, 6>(a, st); }, true);
+  time("step BV=32 128thr (8 rows)", [&](const Args& a) { launch_step<32, 128, 8>(a, st); }, true);
+  time("step BV=64 256thr (8 rows)", [&](const Args& a) { launch_step<64, 256, 4>(a, st); }, true);
+  time("step BV=64 512thr (4 rows)", [&](const Args& a) { launch_step<64, 512, 3>(a, st); }, true);
+  time("step BV=128 512thr (8 rows)", [&](const Args& a) { launch_step<128, 512, 2>(a, st); }, true);
+  time("step BV=128 1024thr (4 rows)", [&](const Args& a) { launch_step<128, 1024, 2>(a, st); }, true);
+  time("step BV=32 64thr (16 rows)", [&](const Args& a) { launch_step<32, 64, 8>(a, st); }, true);
+  time("copy float4 x4/thread, 256 thr", [&](const Args& a) {
+    copy_kernel<<<static_cast<unsigned>((n4 + 1023) / 1024), 256, 0, st>>>(reinterpret_cast<const float4*>(a.h0),
+                                                                            reinterpret_cast<float4*>(a.ht), n4);
+  }, false);
+  return 0;
+}
