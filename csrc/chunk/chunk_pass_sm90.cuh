@@ -147,13 +147,15 @@ __device__ __forceinline__ void wgmma_issue(Mma& mma, TA const& tA, TB const& tB
 }
 
 // Named barriers (0 is __syncthreads): the chunk's inputs are in (both warpgroups); X is
-// written (the state warpgroup arrives, the output warpgroup waits).
+// written (the state warpgroup arrives, the output warpgroup waits). The non-aligned forms:
+// the two warpgroups reach one barrier from different instructions, which bar.sync (=
+// barrier.sync.aligned) excludes; synccheck flags it (scripts/sanitizer_barrier_pattern.cu).
 enum : int { kBarChunk = 1, kBarX = 2 };
 __device__ __forceinline__ void bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+  asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 __device__ __forceinline__ void bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+  asm volatile("barrier.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // The dynamic shared memory from a kAlign-byte boundary, as an offset from the shared array (a
