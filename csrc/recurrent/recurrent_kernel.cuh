@@ -79,14 +79,16 @@ struct BlockCoord {
   int64_t blk;
 };
 
-__device__ __forceinline__ BlockCoord block_coord(const RecurrentParams& p, int64_t tile) {
+// 32-bit index arithmetic: a tile index is below 2^31 (the launchers check), and 64-bit
+// divisions are subroutine calls that the persistent decode kernel made for every tile.
+__device__ __forceinline__ BlockCoord block_coord(const RecurrentParams& p, uint32_t tile) {
   BlockCoord c;
-  const int NV = recurrent_value_tiles(p.V);
+  const uint32_t NV = static_cast<uint32_t>(recurrent_value_tiles(p.V));
+  const uint32_t nh = tile / NV, HV = static_cast<uint32_t>(p.HV);
   c.blk = tile;
-  c.vt = static_cast<int>(c.blk % NV);
-  const int64_t nh = c.blk / NV;
-  c.hv = static_cast<int>(nh % p.HV);
-  c.n = static_cast<int>(nh / p.HV);
+  c.vt = static_cast<int>(tile - nh * NV);
+  c.n = static_cast<int>(nh / HV);
+  c.hv = static_cast<int>(nh - static_cast<uint32_t>(c.n) * HV);
   c.h = c.hv / (p.HV / p.H);
   c.hg = p.gk_heads == p.HV ? c.hv : c.h;
   c.col = c.vt * BV + (threadIdx.x & 31);
@@ -394,13 +396,13 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeM
   __shared__ __align__(16) float s_vec[kNumVec][KMAX];
   __shared__ float s_red[4][W][BV];  // 0 w, 1 u (forward_step), 2 o, 3 l2norm
 
-  const int64_t tiles = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
-  const int64_t G = gridDim.x;
+  const uint32_t tiles = static_cast<uint32_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
+  const uint32_t G = gridDim.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  auto state_buf = [&](int64_t i) { return reinterpret_cast<float (*)[BV]>(s_states + (i % kDecodeStages) * KMAX * BV); };
+  auto state_buf = [&](uint32_t i) { return reinterpret_cast<float (*)[BV]>(s_states + (i % kDecodeStages) * KMAX * BV); };
   // Issue tile i's loads (this block's i-th tile): inputs into `in`, h0 into its stage.
-  auto issue = [&](int64_t i, StepInputs& in) {
-    const int64_t tile = blockIdx.x + i * G;
+  auto issue = [&](uint32_t i, StepInputs& in) {
+    const uint32_t tile = blockIdx.x + i * G;
     if (tile < tiles) {
       const BlockCoord c = block_coord(p, tile);
       in.load<T>(p, c, c.n, false);  // T == 1: sequence n's token is row n
@@ -409,7 +411,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeM
     cp_async_commit();  // (empty past the end: the wait below counts groups)
   };
   // Tile i, whose loads were issued two tiles ago; then issue tile i + 2 into `in`.
-  auto step = [&](int64_t i, StepInputs& in) {
+  auto step = [&](uint32_t i, StepInputs& in) {
     const BlockCoord c = block_coord(p, blockIdx.x + i * G);
     cp_async_wait<1>();  // all but tile i + 1's group: tile i's state has landed
     in.stage<KMAX>(s_vec);
@@ -437,7 +439,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeM
   StepInputs in0, in1;  // inputs of even / odd tiles
   issue(0, in0);
   issue(1, in1);
-  for (int64_t i = 0; blockIdx.x + i * G < tiles; i += 2) {
+  for (uint32_t i = 0; blockIdx.x + i * G < tiles; i += 2) {
     step(i, in0);
     if (blockIdx.x + (i + 1) * G < tiles) step(i + 1, in1);
   }
@@ -601,10 +603,18 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
   if (p.dh0) store_state<KMAX>(p.dh0 + state_off, ds, p, c);
 }
 
+// One block (walk kernels) or tile (decode) per (sequence, head, value tile): grid.x and
+// block_coord's 32-bit arithmetic hold below 2^31.
+inline void check_tile_count(int64_t tiles) {
+  if (tiles >= (int64_t{1} << 31))
+    throw std::invalid_argument("fused_recurrent: batch * heads * ceil(V / 32) must be below 2^31");
+}
+
 template <typename T, int KMAX>
 void launch_recurrent_fwd(const RecurrentParams& p, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
   if (blocks == 0) return;
+  check_tile_count(blocks);
   if constexpr (KMAX <= 128) {  // (K = 256, three 32 KB stages per block, was not measured)
     const bool decode = p.T == 1 && !p.cu_seqlens && !p.checkpoints && p.V % 4 == 0 &&
                         reinterpret_cast<uintptr_t>(p.h0) % 16 == 0;
@@ -638,6 +648,7 @@ template <typename T, int KMAX>
 void launch_recurrent_bwd(const RecurrentParams& p, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
   if (blocks == 0) return;
+  check_tile_count(blocks);
   recurrent_bwd_kernel<T, KMAX><<<static_cast<unsigned>(blocks), Layout<KMAX>::kThreads, 0, stream>>>(p);
   FLA_CHECK_LAUNCH();
 }
