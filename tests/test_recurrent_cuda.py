@@ -56,29 +56,36 @@ def make_inputs(fam, B, T, H, K, V, dtype, HV=None, seed=0, device="cuda"):
     return x
 
 
-def run_both(fam, x, *, scale=None, h0=None, reverse=False, cu_seqlens=None, grad=True):
+def run_both(fam, x, *, scale=None, h0=None, reverse=False, cu_seqlens=None, grad=True, final=True):
+    """Ours and the fp64 reference on the same inputs: {name: (ref, ours)} for o, ht (when
+    `final`; else ours must return None) and, with `grad`, every input's gradient."""
     from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
     delta = FAMILIES[fam].get("delta", False)
     K = x["q"].shape[-1]
     scale = K ** -0.5 if scale is None else scale
     leaves = {n: t.detach().clone().requires_grad_(grad) for n, t in x.items()}
     if h0 is not None:
-        leaves["h0"] = h0.detach().clone().requires_grad_(grad)
+        # Without gradients h0 goes in as given (a clone would realign an offset view).
+        leaves["h0"] = h0.detach().clone().requires_grad_(True) if grad else h0.detach()
     args = {n: t for n, t in leaves.items() if n not in ("q", "k", "v", "h0")}
     o, ht = fused_recurrent_cuda(leaves["q"], leaves["k"], leaves["v"], delta=delta, scale=scale,
-                                 initial_state=leaves.get("h0"), output_final_state=True,
+                                 initial_state=leaves.get("h0"), output_final_state=final,
                                  reverse=reverse, cu_seqlens=cu_seqlens, **args)
     ref_leaves = {n: t.detach().double().requires_grad_(grad) for n, t in leaves.items()}
     rargs = {n: t for n, t in ref_leaves.items() if n not in ("q", "k", "v", "h0")}
     ro, rht = recurrence_reference(ref_leaves["q"], ref_leaves["k"], ref_leaves["v"], delta=delta,
-                                   scale=scale, initial_state=ref_leaves.get("h0"), output_final_state=True,
+                                   scale=scale, initial_state=ref_leaves.get("h0"), output_final_state=final,
                                    reverse=reverse, cu_seqlens=cu_seqlens, **rargs)
-    out = {"o": (ro, o), "ht": (rht, ht)}
+    out = {"o": (ro, o)}
+    if final:
+        out["ht"] = (rht, ht)
+    else:
+        assert ht is None, "output_final_state=False returned a state"
     if grad:
-        do = torch.randn_like(o)
-        dht = torch.randn_like(ht)
-        ours = torch.autograd.grad((o, ht), list(leaves.values()), (do, dht))
-        refs = torch.autograd.grad((ro, rht), list(ref_leaves.values()), (do.double(), dht.double()))
+        outs, routs = ((o, ht), (ro, rht)) if final else ((o,), (ro,))
+        grads = [torch.randn_like(t) for t in outs]
+        ours = torch.autograd.grad(outs, list(leaves.values()), grads)
+        refs = torch.autograd.grad(routs, list(ref_leaves.values()), [g.double() for g in grads])
         for n, r, g in zip(leaves, refs, ours):
             out["d" + n] = (r, g)
     return out
@@ -162,25 +169,11 @@ def test_decode_kernel_edges(fam, K, V, HV, with_h0, dtype):
 def test_decode_state_io(fam, case):
     """The decode step with a state in and none out, with an h0 the decode kernel's 16-byte
     copies cannot read (a 4-byte offset: the walk kernel takes it), and at K = 64 in fp32."""
-    from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
     K, dtype = (64, torch.float32) if case == "fp32_k64" else (128, torch.bfloat16)
     x = make_inputs(fam, 150, 1, 2, K, 64, dtype, seed=7)
     h0 = torch.randn(150 * 2 * K * 64 + 1, device="cuda")
     h0 = h0[1:].view(150, 2, K, 64) if case == "unaligned_h0" else h0[:-1].view(150, 2, K, 64)
-    final = case != "no_final_state"
-    delta = FAMILIES[fam].get("delta", False)
-    args = {n: t for n, t in x.items() if n not in ("q", "k", "v")}
-    o, ht = fused_recurrent_cuda(x["q"], x["k"], x["v"], delta=delta, scale=0.3, initial_state=h0,
-                                 output_final_state=final, **args)
-    ref = {n: t.double() for n, t in x.items()}
-    rargs = {n: t for n, t in ref.items() if n not in ("q", "k", "v")}
-    ro, rht = recurrence_reference(ref["q"], ref["k"], ref["v"], delta=delta, scale=0.3,
-                                   initial_state=h0.double(), output_final_state=True, **rargs)
-    assert_close("o", ro, o, tol(dtype))
-    if final:
-        assert_close("ht", rht, ht, tol(dtype))
-    else:
-        assert ht is None
+    check(run_both(fam, x, scale=0.3, h0=h0, grad=False, final=case != "no_final_state"), dtype)
 
 
 def test_decode_kernel_choice():
