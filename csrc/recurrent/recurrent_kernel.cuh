@@ -604,17 +604,18 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
 }
 
 // One block (walk kernels) or tile (decode) per (sequence, head, value tile): grid.x and
-// block_coord's 32-bit arithmetic hold below 2^31.
-inline void check_tile_count(int64_t tiles) {
+// block_coord's 32-bit arithmetic hold below 2^31, which this checks before returning the count.
+inline int64_t checked_tile_count(const RecurrentParams& p) {
+  const int64_t tiles = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
   if (tiles >= (int64_t{1} << 31))
     throw std::invalid_argument("fused_recurrent: batch * heads * ceil(V / 32) must be below 2^31");
+  return tiles;
 }
 
 template <typename T, int KMAX>
 void launch_recurrent_fwd(const RecurrentParams& p, cudaStream_t stream) {
-  const int64_t blocks = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
+  const int64_t blocks = checked_tile_count(p);
   if (blocks == 0) return;
-  check_tile_count(blocks);
   if constexpr (KMAX <= 128) {  // (K = 256, three 32 KB stages per block, was not measured)
     const bool decode = p.T == 1 && !p.cu_seqlens && !p.checkpoints && p.V % 4 == 0 &&
                         reinterpret_cast<uintptr_t>(p.h0) % 16 == 0;
@@ -646,9 +647,8 @@ void launch_recurrent_fwd(const RecurrentParams& p, cudaStream_t stream) {
 
 template <typename T, int KMAX>
 void launch_recurrent_bwd(const RecurrentParams& p, cudaStream_t stream) {
-  const int64_t blocks = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
+  const int64_t blocks = checked_tile_count(p);
   if (blocks == 0) return;
-  check_tile_count(blocks);
   recurrent_bwd_kernel<T, KMAX><<<static_cast<unsigned>(blocks), Layout<KMAX>::kThreads, 0, stream>>>(p);
   FLA_CHECK_LAUNCH();
 }
