@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(128) gla_bwd_intra_kernel(const __grid_constan
         for (int i = 0; i < C / 2; ++i) clamped |= uint32_t(rg[i] < kMinLogGate) << i;
       }
       sClamp[ghalf * KS + gcol] = clamped;
-      exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, LDG, ghalf, gcol, grow0);   // (its barriers: the
+      exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, LDG, ghalf, gcol, grow0, gcol);   // (its barriers: the
                                                                                   // staged gates are read)
     }
 

@@ -7,11 +7,14 @@
 //   out, and the folds as 16-byte stores: Q_f at the row's sub-chunk start, the K_f copies of
 //   the later sub-chunks, and the diagonal block's operands split into bf16 hi + lo parts
 //   -> S_w += Q_f K_f^T (off-diagonal) and D_w += Qh Kh^T + Qh Kl^T + Ql Kh^T (diagonal,
-//   about 16 mantissa bits: fp32-grade, as FLA's elementwise diagonal) on tensor cores
+//   about 16 mantissa bits: fp32-grade, as FLA's elementwise diagonal) on tensor cores; a
+//   slice whose gates decay too strongly to fold adds its diagonal block pair by pair in fp32
+//   to the same accumulators
 //
 // then A = scale * (S + D), zero above the diagonal, goes out through shared memory. No raw
 // q, k in shared memory and no loads a slice ahead: three blocks fit one SM (64 KB, <= 168
-// registers), and the other blocks cover each one's loads.
+// registers), and the other blocks cover each one's loads (the next slice's gates loaded
+// during the products spilled and gained nothing: 152.8 against 153.1 us).
 #pragma once
 #include "chunk/chunk_kernel.cuh"
 #include "chunk/chunk_loc.cuh"
@@ -27,6 +30,10 @@ template <typename Elem> CUTE_HOST_DEVICE constexpr float max_fold_span2() {
   return std::is_same_v<Elem, cute::half_t> ? 8.f : 60.f * kLog2e;
 }
 
+// gla_intra's place of gate column c in its sG row: the two float4 of each 8-column group
+// trade places in the row's second half. A thread reads its 8 columns as two float4; without
+// the swap the groups 32 floats apart (threads t and t + 4 of a row) hit the same banks.
+CUTE_HOST_DEVICE constexpr int gate_col_swizzle(int c) { return c ^ ((c >> 5 & 1) << 2); }
 
 // Raw gates of rows row0..row0+R-1 of one column (zeros past `rows`), fp32 or Elem in memory.
 // Whole runs take the unguarded path: one add per load instead of a branch and an index.
@@ -61,12 +68,13 @@ __device__ __forceinline__ void scan_gate_rows(float (&rg)[R]) {
 // One slice's gate step, shared by gla_intra and gla_bwd_intra: each thread holds the raw
 // gates of rows grow0.. grow0 + C/2 - 1 of column gcol (the column's half `ghalf`); they
 // become running sums over the chunk (log2 units) in sG (rows `ldg` floats apart), with the
-// first half's totals passed through sTot. Returns, to every thread, whether some 16-row
+// first half's totals passed through sTot; the column sits at `scol` of its sG row (a swizzled
+// place where the readers want one). Returns, to every thread, whether some 16-row
 // sub-chunk of the slice decays too strongly to fold its diagonal block (then the slice
 // takes the exact variant). Ends with a barrier: G and what was stored before it are visible.
 template <typename Elem, int KS, int R>
 __device__ __forceinline__ bool scan_slice_gates(float (&rg)[R], float* sTot, float* sG, int ldg, int ghalf,
-                                                 int gcol, int grow0) {
+                                                 int gcol, int grow0, int scol) {
   constexpr int S = 16;
   static_assert(R == 2 * S, "a half chunk of two sub-chunks per thread");
   scan_gate_rows(rg);
@@ -75,7 +83,7 @@ __device__ __forceinline__ bool scan_slice_gates(float (&rg)[R], float* sTot, fl
   __syncthreads();
   const float base = ghalf > 0 ? sTot[gcol] : 0.f;
   CUTE_UNROLL
-  for (int i = 0; i < R; ++i) sG[(grow0 + i) * ldg + gcol] = rg[i] + base;
+  for (int i = 0; i < R; ++i) sG[(grow0 + i) * ldg + scol] = rg[i] + base;
   return __syncthreads_or(strong);
 }
 
@@ -129,7 +137,10 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
   const int gcol = tid % KS, ghalf = tid / KS, grow0 = ghalf * (C / 2);
   Vec rq[kVecs], rk[kVecs];
   float rg[C / 2];
-  auto load_slice = [&](int col0) {
+  auto load_gates = [&](int col0) {
+    load_gate_rows<Elem>(rg, p.g, p.g_fp32, head_off + col0 + gcol, row_stride, grow0, rows);
+  };
+  auto load_qk = [&](int col0) {
     const Elem* q = static_cast<const Elem*>(p.q) + head_off + col0;
     const Elem* k = static_cast<const Elem*>(p.k) + head_off + col0;
     CUTE_UNROLL
@@ -141,7 +152,6 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
         rk[m] = *reinterpret_cast<const Vec*>(k + r * row_stride + cc);
       }
     }
-    load_gate_rows<Elem>(rg, p.g, p.g_fp32, head_off + col0 + gcol, row_stride, grow0, rows);
   };
 
   typename Tr::TiledMma mma;
@@ -150,11 +160,8 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
   Tensor accD = partition_fragment_C(mma, Shape<Int<C>, Int<S>>{});      // (MMA, MMA_M, MMA_N) diagonal block
   clear(accS);
   clear(accD);
-  // exact diagonal (strong gates): lane holds row r_ref + lane / 2, columns r_ref + (lane % 2) * 8 + jj
-  float acc_x[8];
-  CUTE_UNROLL
-  for (int jj = 0; jj < 8; ++jj) acc_x[jj] = 0.f;
-  bool any_exact = false;
+  Tensor tDcD = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<S>>{}));   // (row, column - r_ref)
+  CUTE_STATIC_ASSERT_V(size(tDcD) == size(accD));
   const int r_ref = warp * S;                                  // this warp's reference row
   const int di = lane / 2, dj0 = lane % 2 * 8;
   Tensor sQhT = make_tensor(make_smem_ptr(sQh), typename Tr::LayoutF{});              // (C, KS)
@@ -168,10 +175,12 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
   Tensor sKfW = make_tensor(make_smem_ptr(sKf + kf_base * KS), typename Tr::LayoutF{});  // (C, KS), rows < r_ref read
 
   for (int col0 = 0; col0 < DK; col0 += KS) {
-    // 1. the slice's q, k and gates into registers; cumulative gates (log2 units) to sG
-    load_slice(col0);
-    const bool exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, KS, ghalf, gcol, grow0);   // and: G visible
-    any_exact |= exact;
+    // 1. the slice's gates (the scan waits on them first), q, k into registers; cumulative
+    // gates (log2 units) to sG
+    load_gates(col0);
+    load_qk(col0);
+    const bool exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, KS, ghalf, gcol, grow0,
+                                                  gate_col_swizzle(gcol));   // and: G visible
 
     // 2. per row of this thread (row r of sub-chunk m, columns cc..cc+7): q~ and k~ out; the
     // folds at the sub-chunk's first row r_m: Q_f (hi + lo), the diagonal block's K (hi + lo,
@@ -181,12 +190,12 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
       Elem* q_gated = static_cast<Elem*>(p.q_gated) + head_off + col0;
       Elem* k_gated = static_cast<Elem*>(p.k_gated) + head_off + col0;
       auto g8 = [&](int r, int cc, float (&g)[8]) {
-        *reinterpret_cast<float4*>(g) = *reinterpret_cast<const float4*>(sG + r * KS + cc);
-        *reinterpret_cast<float4*>(g + 4) = *reinterpret_cast<const float4*>(sG + r * KS + cc + 4);
+        *reinterpret_cast<float4*>(g) = *reinterpret_cast<const float4*>(sG + r * KS + gate_col_swizzle(cc));
+        *reinterpret_cast<float4*>(g + 4) = *reinterpret_cast<const float4*>(sG + r * KS + gate_col_swizzle(cc + 4));
       };
       // 8 products x * 2^(e) to the input type, 16 bytes to `hi_dst`; with `lo_dst`, what that
       // rounding dropped as well
-      auto fold8 = [&](const float (&x)[8], const float (&e)[8], Elem* hi_dst, Elem* lo_dst) {
+      auto fold8 = [&](const float (&x)[8], const float (&e)[8], Elem* hi_dst, Elem* lo_dst, bool global = false) {
         uint32_t hi[4], lo[4];
         CUTE_UNROLL
         for (int j = 0; j < 4; ++j) {
@@ -197,7 +206,10 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
             lo[j] = pack_pair<Elem>(f0 - r.x, f1 - r.y);
           }
         }
-        *reinterpret_cast<uint4*>(hi_dst) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+        if (global)   // one 16-byte store: a uint4 assignment to global memory compiles to four 4-byte ones
+          __stwb(reinterpret_cast<uint4*>(hi_dst), make_uint4(hi[0], hi[1], hi[2], hi[3]));
+        else
+          *reinterpret_cast<uint4*>(hi_dst) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
         if (lo_dst != nullptr) *reinterpret_cast<uint4*>(lo_dst) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
       };
       auto unpack8 = [&](const Vec& v, float (&x)[8]) {
@@ -221,10 +233,10 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
         g8(r, cc, gr);
         g8(m * S, cc, gm);
         if (r < rows) {
-          fold8(xq, gr, q_gated + r * row_stride + cc, nullptr);
+          fold8(xq, gr, q_gated + r * row_stride + cc, nullptr, true);
           CUTE_UNROLL
           for (int i = 0; i < 8; ++i) e[i] = gl[i] - gr[i];
-          fold8(xk, e, k_gated + r * row_stride + cc, nullptr);
+          fold8(xk, e, k_gated + r * row_stride + cc, nullptr, true);
         }
         CUTE_UNROLL
         for (int i = 0; i < 8; ++i) e[i] = gr[i] - gm[i];
@@ -243,7 +255,7 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
           fold8(xk, e, &sKfAll(kBase[a] + r, cc), nullptr);
         }
       }
-      if (tid < KS) p.key_decay[(int64_t(slot) * H + h) * DK + col0 + tid] = exp2_ftz(sG[(C - 1) * KS + tid]);
+      if (tid < KS) p.key_decay[(int64_t(slot) * H + h) * DK + col0 + tid] = exp2_ftz(sG[(C - 1) * KS + gate_col_swizzle(tid)]);
     }
     __syncthreads();                             // every fold is visible
 
@@ -253,18 +265,19 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
       gemm_ss<Tr>(accD, sQhT, sKhW, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
       gemm_ss<Tr>(accD, sQhT, sKlW, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
       gemm_ss<Tr>(accD, sQlT, sKhW, typename Tr::LdsmN{}, typename Tr::LdsmN{}, tid);
-    } else {   // pair by pair in fp32: 2^(G_i - G_j) <= 1 for j <= i; raw q, k from global
-               // memory (L1 / L2: just read), rows past the sequence as zeros
-      const int ri = r_ref + di;
+    } else {   // into the same accumulators, pair by pair in fp32: 2^(G_i - G_j) <= 1 for
+               // j <= i; raw q, k from global memory (L1 / L2: just read), rows past the
+               // sequence as zeros
       const Elem* q = static_cast<const Elem*>(p.q) + head_off + col0;
       const Elem* k = static_cast<const Elem*>(p.k) + head_off + col0;
       for (int e = 0; e < KS; ++e) {
-        const float qv = ri < rows ? static_cast<float>(q[ri * row_stride + e]) : 0.f, gi = sG[ri * KS + e];
+        const int es = gate_col_swizzle(e);
         CUTE_UNROLL
-        for (int jj = 0; jj < 8; ++jj) {
-          const int rj = r_ref + dj0 + jj;   // pairs above the diagonal are dropped later
+        for (int i = 0; i < size(accD); ++i) {
+          const int ri = get<0>(tDcD(i)), rj = r_ref + get<1>(tDcD(i));   // pairs above the diagonal are dropped later
+          const float qv = ri < rows ? static_cast<float>(q[ri * row_stride + e]) : 0.f;
           const float kv = rj < rows ? static_cast<float>(k[rj * row_stride + e]) : 0.f;
-          acc_x[jj] += qv * kv * exp2_ftz(fminf(gi - sG[rj * KS + e], 0.f));
+          accD(i) += qv * kv * exp2_ftz(fminf(sG[ri * KS + es] - sG[rj * KS + es], 0.f));
         }
       }
     }
@@ -281,15 +294,13 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
   Tensor tSsA = thr_mma.partition_C(sQhT);
   store_pairs(accS, tSsA);
   float* scratch = sG + warp * S * S;                       // [S][S]
-  Tensor tDcD = thr_mma.partition_C(make_identity_tensor(Shape<Int<C>, Int<S>>{}));
-  CUTE_STATIC_ASSERT_V(size(tDcD) == size(accD));
   CUTE_UNROLL
   for (int i = 0; i < size(accD); ++i) scratch[(get<0>(tDcD(i)) - r_ref) * S + get<1>(tDcD(i))] = accD(i);
   __syncwarp();
   float diag[8];
   CUTE_UNROLL
   for (int jj = 0; jj < 8; ++jj) {
-    const float x = scratch[di * S + dj0 + jj] + (any_exact ? acc_x[jj] : 0.f);
+    const float x = scratch[di * S + dj0 + jj];
     diag[jj] = dj0 + jj <= di ? x * p.scale : 0.f;
     sQhT(r_ref + di, r_ref + dj0 + jj) = static_cast<Elem>(diag[jj]);
   }
