@@ -137,10 +137,9 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
   const int gcol = tid % KS, ghalf = tid / KS, grow0 = ghalf * (C / 2);
   Vec rq[kVecs], rk[kVecs];
   float rg[C / 2];
-  auto load_gates = [&](int col0) {
+  auto load_slice = [&](int col0) {
+    // the gates first: the scan waits on them before anything else
     load_gate_rows<Elem>(rg, p.g, p.g_fp32, head_off + col0 + gcol, row_stride, grow0, rows);
-  };
-  auto load_qk = [&](int col0) {
     const Elem* q = static_cast<const Elem*>(p.q) + head_off + col0;
     const Elem* k = static_cast<const Elem*>(p.k) + head_off + col0;
     CUTE_UNROLL
@@ -175,10 +174,8 @@ __global__ void __launch_bounds__(128, IntraTraits<Elem_, DK>::kBlocksPerSm) gla
   Tensor sKfW = make_tensor(make_smem_ptr(sKf + kf_base * KS), typename Tr::LayoutF{});  // (C, KS), rows < r_ref read
 
   for (int col0 = 0; col0 < DK; col0 += KS) {
-    // 1. the slice's gates (the scan waits on them first), q, k into registers; cumulative
-    // gates (log2 units) to sG
-    load_gates(col0);
-    load_qk(col0);
+    // 1. the slice's gates, q and k into registers; cumulative gates (log2 units) to sG
+    load_slice(col0);
     const bool exact = scan_slice_gates<Elem, KS>(rg, sTot, sG, KS, ghalf, gcol, grow0,
                                                   gate_col_swizzle(gcol));   // and: G visible
 
