@@ -19,7 +19,7 @@
 namespace fla {
 namespace chunk_sm90 {
 
-template <typename Elem_, int DK_>
+template <typename Elem_, int DK_, int kStages_>
 struct GlaTraits : Traits<Elem_, DK_> {
   using Base = Traits<Elem_, DK_>;
   using Elem = typename Base::Elem;
@@ -31,42 +31,49 @@ struct GlaTraits : Traits<Elem_, DK_> {
                                                                    GMMA::Major::K, GMMA::Major::MN>()));
   using MmaAtV = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Elem, Elem, float, Shape<Int<C>, Int<BV>, Int<C>>,
                                                                     GMMA::Major::MN, GMMA::Major::MN>()));
-  // Shared memory in elements from a 1024-byte aligned base: two stages of q~, k~, v, A, A_lo;
-  // S^T; then fp32: X (C, BV), two stages of the chunk's decays (DK or BV of them).
+  // Shared memory in elements from a 1024-byte aligned base: kStages stages of q~, k~, v, A,
+  // A_lo; S^T; then fp32: X (C, BV), kStages stages of the chunk's decays (DK or BV of them).
+  // Loads run kStages - 1 chunks ahead.
+  static constexpr int kStages = kStages_;
   static constexpr int kQK = C * DK, kV = C * BV, kA = C * C, kSt = BV * DK;
-  static constexpr int kOffQ = 0, kOffK = 2 * kQK, kOffV = 4 * kQK, kOffA = kOffV + 2 * kV, kOffAlo = kOffA + 2 * kA;
-  static constexpr int kOffSt = kOffAlo + 2 * kA, kOffF32 = kOffSt + kSt;
+  static constexpr int kOffQ = 0, kOffK = kStages * kQK, kOffV = 2 * kStages * kQK, kOffA = kOffV + kStages * kV;
+  static constexpr int kOffAlo = kOffA + kStages * kA;
+  static constexpr int kOffSt = kOffAlo + kStages * kA, kOffF32 = kOffSt + kSt;
   static constexpr int kDecay = DK > BV ? DK : BV;
   // states_in of the next chunk (state_dots), by cp.async with the tiles: two fp32 (DK, BV)
   // tiles, rows padded so that the accumulator layout's reads are conflict-free.
   static constexpr int kStateStride = BV + 4;
   static constexpr int kStateTile = DK * kStateStride;
-  static constexpr int kBytesNoStates = kOffF32 * int(sizeof(Elem)) + (C * BV + 2 * kDecay) * int(sizeof(float));
-  static constexpr int kBytes = kBytesNoStates + 2 * kStateTile * int(sizeof(float));
+  static constexpr int kBytesNoStates = kOffF32 * int(sizeof(Elem)) + (C * BV + kStages * kDecay) * int(sizeof(float));
+  static constexpr int kBytes = kBytesNoStates + kStages * kStateTile * int(sizeof(float));
   static_assert(DK <= 128, "K = 256 tiles leave no room (the sm_80 pass takes them)");
 };
 
 // kStates: the walk writes states_out or computes state_dots (the two backward walks of dg);
 // a kernel of its own: with the state tiles' code in every walk, the forward and dv walks ran
-// 12-13 us slower.
+// 12-13 us slower. Three stages without the states (two fp32 state tiles leave no room for a
+// third stage of the others).
+template <bool kStates>
+constexpr int gla_pass_stages() { return kStates ? 2 : 3; }
+
 template <typename Elem_, int DK, bool kStates>
 __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __grid_constant__ ChunkParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Tr = GlaTraits<Elem_, DK>;
+  using Tr = GlaTraits<Elem_, DK, gla_pass_stages<kStates>()>;
   using Elem = typename Tr::Elem;
-  constexpr int C = Tr::C, BV = Tr::BV, kWg = 128;
+  constexpr int C = Tr::C, BV = Tr::BV, kWg = 128, S = Tr::kStages;
 
   extern __shared__ unsigned char smem_raw[];
   Elem* const smem = aligned_smem<Elem, Tr::kAlign>(smem_raw);
-  Elem* const q_buf = smem + Tr::kOffQ;       // [2][C*DK]
-  Elem* const k_buf = smem + Tr::kOffK;       // [2][C*DK]
-  Elem* const v_buf = smem + Tr::kOffV;       // [2][C*BV]
-  Elem* const a_buf = smem + Tr::kOffA;       // [2][C*C]
-  Elem* const alo_buf = smem + Tr::kOffAlo;   // [2][C*C]
+  Elem* const q_buf = smem + Tr::kOffQ;       // [S][C*DK]
+  Elem* const k_buf = smem + Tr::kOffK;       // [S][C*DK]
+  Elem* const v_buf = smem + Tr::kOffV;       // [S][C*BV]
+  Elem* const a_buf = smem + Tr::kOffA;       // [S][C*C]
+  Elem* const alo_buf = smem + Tr::kOffAlo;   // [S][C*C]
   Elem* const st_buf = smem + Tr::kOffSt;     // [BV*DK]
   float* const x_buf = reinterpret_cast<float*>(smem + Tr::kOffF32);   // [C*BV] X, thread-major
-  float* const decay_buf = x_buf + C * BV;                              // [2][kDecay]
-  float* const state_buf = decay_buf + 2 * Tr::kDecay;                  // [2][DK][kStateStride]
+  float* const decay_buf = x_buf + C * BV;                              // [S][kDecay]
+  float* const state_buf = decay_buf + S * Tr::kDecay;                  // [S][DK][kStateStride]
 
   const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z / p.num_segs, seg = blockIdx.z % p.num_segs;
   const bool reversed = p.reverse;                          // chunks last to first
@@ -176,12 +183,15 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
 
     // the state-only launch runs without the output warpgroup (it has returned)
     const int chunk_bar_threads = p.state_only ? kWg : 2 * kWg;
-    if (num_chunks > 0) load_chunk(0, 0);
-    cp_async_fence();
+    CUTE_UNROLL
+    for (int j = 0; j < S - 1; ++j) {
+      if (j < num_chunks) load_chunk(j, j);
+      cp_async_fence();
+    }
     store_state_smem();
     for (int c = 0; c < num_chunks; ++c) {
-      const int stage = c & 1;
-      cp_async_wait<0>();
+      const int stage = c % S;
+      cp_async_wait<S - 2>();
       fence_view_async_shared();
       bar_sync(kBarChunk, chunk_bar_threads);
       Tensor accX = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1)
@@ -208,7 +218,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
         Tensor tXrSt = thr_qk.partition_fragment_B(sSt);
         wgmma_issue(mma_qk, tXrQ, tXrSt, accX, true);
       }
-      if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);
+      if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
       cp_async_fence();
       const float* decay = decay_buf + stage * Tr::kDecay;
       if (!p.state_only) {   // X = Q~ S * scale_inter, to the output warpgroup
@@ -285,11 +295,14 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
     auto sts_o_thr = sts_o.get_thread_slice(tid);
     Tensor tOcO = thr_qk.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));
 
-    if (num_chunks > 0) load_chunk(0, 0);
-    cp_async_fence();
+    CUTE_UNROLL
+    for (int j = 0; j < S - 1; ++j) {
+      if (j < num_chunks) load_chunk(j, j);
+      cp_async_fence();
+    }
     for (int c = 0; c < num_chunks; ++c) {
-      const int stage = c & 1;
-      cp_async_wait<0>();
+      const int stage = c % S;
+      cp_async_wait<S - 2>();
       fence_view_async_shared();
       bar_sync(kBarChunk, 2 * kWg);
       Tensor accO = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1)
@@ -298,7 +311,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
       // and its wait (split across branches, ptxas serialises the kernel's wgmma)
       if (p.A == nullptr) {
         clear(accO);
-        if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);
+        if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
         cp_async_fence();
       } else {
         // acc = A V (+ A_lo V) in one wgmma group; each variant holds its own issue and wait
@@ -313,13 +326,13 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
             wgmma_k(mma, thr.partition_fragment_A(sA), tOrV, accO, true);
             wgmma_k(mma, thr.partition_fragment_A(sL), tOrV, accO, false);
             warpgroup_commit_batch();
-            if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);
+            if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
             cp_async_fence();
             warpgroup_wait<0>();
           } else {
             wgmma_k(mma, thr.partition_fragment_A(sA), tOrV, accO, true);
             warpgroup_commit_batch();
-            if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);
+            if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
             cp_async_fence();
             warpgroup_wait<0>();
           }
@@ -369,7 +382,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
 
 template <typename Elem, int DK, bool kStates>
 void launch_chunk_pass_gla_sm90(const ChunkParams& p, cudaStream_t stream) {
-  using Tr = chunk_sm90::GlaTraits<Elem, DK>;
+  using Tr = chunk_sm90::GlaTraits<Elem, DK, chunk_sm90::gla_pass_stages<kStates>()>;
   auto kernel = chunk_sm90::chunk_pass_gla_sm90_kernel<Elem, DK, kStates>;
   if (kStates != (p.states_out != nullptr || p.state_dots != nullptr))
     throw std::invalid_argument("fla_cuda: GLA pass launched as the wrong variant for its states");

@@ -98,21 +98,25 @@ struct Traits {
   using StsmAtom = Copy_Atom<SM90_U32x4_STSM_N, Elem>;
   using LdsmAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
 
-  // Shared memory in elements from a 1024-byte aligned base: two stages of q, k, v; S^T; two
+  // Stages of the loaded tiles: loads run kStages - 1 chunks ahead. Three at DK = 128 (one
+  // block per SM: shared memory to spare; one chunk ahead left the loads of 128 blocks about one
+  // chunk's compute time to arrive); two at DK = 64, where two blocks share an SM.
+  static constexpr int kStages = DK == 128 ? 3 : 2;
+  // Shared memory in elements from a 1024-byte aligned base: kStages stages of q, k, v; S^T; two
   // stages of the forward normaliser's carry (8, DK) (rows hi, lo, zeros); then fp32: X (C, BV),
-  // two stages each of gates, row divisors (or the normaliser's weights), the normaliser's
-  // carry rows, the update's row weights and the raw gates; the dots partner (two stages) last,
-  // allocated only when a pass has dots.
+  // two stages (by chunk parity) of gates and the update's row weights, kStages stages (loaded
+  // with the tiles) of row divisors (or the normaliser's weights), the normaliser's carry rows
+  // and the raw gates; the dots partner (kStages stages) last, allocated only when a pass has dots.
   static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK, kCt = 8 * DK;   // kCt: one stage of the carry
-  static constexpr int kOffQ = 0, kOffK = 2 * kQK, kOffV = 4 * kQK, kOffSt = kOffV + 2 * kV;
+  static constexpr int kOffQ = 0, kOffK = kStages * kQK, kOffV = 2 * kStages * kQK, kOffSt = kOffV + kStages * kV;
   static constexpr int kOffCt = kOffSt + kSt, kOffF32 = kOffCt + 2 * kCt;
   // the fp32 part in floats, padded so that the dots partner starts on a kAlign boundary (its
   // ldmatrix reads assume the swizzle's absolute addresses)
   static constexpr int kAlign = 1024;   // the swizzle and the GMMA descriptors use absolute addresses
-  static constexpr int kF32 = (C * BV + 8 * C + 2 * BV + kAlign / 4 - 1) / (kAlign / 4) * (kAlign / 4);
+  static constexpr int kF32 = (C * BV + (4 + 2 * kStages) * C + kStages * BV + kAlign / 4 - 1) / (kAlign / 4) * (kAlign / 4);
   static_assert(kOffF32 * int(sizeof(Elem)) % kAlign == 0, "the fp32 part starts aligned");
   static constexpr int kBytesNoDots = kOffF32 * int(sizeof(Elem)) + kF32 * int(sizeof(float));
-  static constexpr int kBytesDots = kBytesNoDots + 2 * kV * int(sizeof(Elem));
+  static constexpr int kBytesDots = kBytesNoDots + kStages * kV * int(sizeof(Elem));
   // DK = 64: two blocks per SM when the kernel keeps to 128 registers. Stated in the launch
   // bound, not left to the compiler: an unrelated change once took it to 145 (one block per
   // SM, the B=8, T=2048, H=32 walks in two waves: 126 against about 90 us).
@@ -250,23 +254,23 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = Traits<Elem_, DK>;
   using Elem = typename Tr::Elem;
-  constexpr int C = Tr::C, BV = Tr::BV, kWg = 128;
+  constexpr int C = Tr::C, BV = Tr::BV, kWg = 128, S = Tr::kStages;
   constexpr bool kNorm = kFold == kFoldGrad, kDen = kFold == kFoldDen;
 
   extern __shared__ unsigned char smem_raw[];
   Elem* const smem = aligned_smem<Elem, Tr::kAlign>(smem_raw);
-  Elem* const q_buf = smem + Tr::kOffQ;     // [2][C*DK]
-  Elem* const k_buf = smem + Tr::kOffK;     // [2][C*DK]
-  Elem* const v_buf = smem + Tr::kOffV;     // [2][C*BV]
+  Elem* const q_buf = smem + Tr::kOffQ;     // [S][C*DK]
+  Elem* const k_buf = smem + Tr::kOffK;     // [S][C*DK]
+  Elem* const v_buf = smem + Tr::kOffV;     // [S][C*BV]
   Elem* const st_buf = smem + Tr::kOffSt;   // [BV*DK] S^T in the input dtype
   Elem* const ct_buf = smem + Tr::kOffCt;   // [2][8*DK] the normaliser's carry, hi and lo rows (kDen)
   float* const x_buf = reinterpret_cast<float*>(smem + Tr::kOffF32);   // [C*BV] X, thread-major
   float* const g_buf = x_buf + C * BV;                                  // [2][C] cumulative gates (log2)
-  float* const div_buf = g_buf + 2 * C;        // [2][C] output row divisors, or the normaliser's w
-  float* const carry_buf = div_buf + 2 * C;    // [2][BV] the normaliser's carry at each chunk's start
-  float* const w_buf = carry_buf + 2 * BV;     // [2][C] the update's row weights 2^(G_last - G) * scale_update
-  float* const raw_buf = w_buf + 2 * C;        // [2][C] per-step raw gates (cp.async), by chunk parity
-  Elem* const dot_buf = reinterpret_cast<Elem*>(x_buf + Tr::kF32);    // [2][C*BV] rows of dot_with
+  float* const div_buf = g_buf + 2 * C;        // [S][C] output row divisors, or the normaliser's w
+  float* const carry_buf = div_buf + S * C;    // [S][BV] the normaliser's carry at each chunk's start
+  float* const w_buf = carry_buf + S * BV;     // [2][C] the update's row weights 2^(G_last - G) * scale_update
+  float* const raw_buf = w_buf + 2 * C;        // [S][C] per-step raw gates (cp.async), chunk c in slot c % S
+  Elem* const dot_buf = reinterpret_cast<Elem*>(x_buf + Tr::kF32);    // [S][C*BV] rows of dot_with
 
   const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z / p.num_segs, seg = blockIdx.z % p.num_segs;
   const bool flip = p.reverse;
@@ -289,8 +293,8 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   const int64_t v_step = (flip ? -kRowsV : kRowsV) * H * DV;
   const Elem* v = static_cast<const Elem*>(p.v) + h * DV + tile * BV;
 
-  // Gates: warp 0 of the state warpgroup fetches chunk c + 2's per-step gates by cp.async with
-  // chunk c + 1's tiles, and scans chunk c + 1's after chunk c's state update (off the output
+  // Gates: warp 0 of the state warpgroup fetches chunk c + S's per-step gates by cp.async with
+  // chunk c + S - 1's tiles, and scans chunk c + 1's after chunk c's state update (off the output
   // warpgroup, whose work is the critical path). Not into registers: a wgmma's warpgroup.arrive
   // waits for every pending register write, so an outstanding gate load stalled the next wgmma
   // (the scan in either warpgroup with register loads cost 15-30 us per walk).
@@ -301,14 +305,14 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
     for (int e = 0; e < 2; ++e) {
       int64_t t;
       const bool valid = chunk::gate_token(p, span, gate_pos(c, e), t);
-      cp_async_4(raw_buf + (c & 1) * C + 2 * lane + e, p.g + (valid ? t * H + h : 0), valid);
+      cp_async_4(raw_buf + (c % S) * C + 2 * lane + e, p.g + (valid ? t * H + h : 0), valid);
     }
   };
   auto scan_gates = [&](int c) {   // and the state update's row weights from them
     float raw[2];
     CUTE_UNROLL
     for (int e = 0; e < 2; ++e)   // per step from the copies; g_gamma or none read directly
-      raw[e] = p.g != nullptr ? raw_buf[(c & 1) * C + 2 * lane + e] : chunk::raw_gate_at(p, h, span, gate_pos(c, e));
+      raw[e] = p.g != nullptr ? raw_buf[(c % S) * C + 2 * lane + e] : chunk::raw_gate_at(p, h, span, gate_pos(c, e));
     scan_gates_and_weights(raw[0], raw[1], lane, g_buf + (c & 1) * C, w_buf + (c & 1) * C, p.scale_update);
   };
 
@@ -376,15 +380,19 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       copy(sts_state, sts_state_thr.retile_S(rH), tHsSt);
     };
 
+    // S - 1 commit groups ahead of the loop: group j holds chunk j's tiles and chunk j + 1's
+    // raw gates (group 0 chunk 0's too); chunk 0's gates are scanned now
     if (num_chunks > 0) load_chunk(0, 0);
-    if (warp == 0) {   // chunk 0's and chunk 1's raw gates; chunk 0's scanned now
-      if (num_chunks > 0) fetch_gates(0);
-      if (num_chunks > 1) fetch_gates(1);
+    if (warp == 0 && num_chunks > 0) fetch_gates(0);
+    CUTE_UNROLL
+    for (int j = 0; j < S - 1; ++j) {
+      if (j > 0 && j < num_chunks) load_chunk(j, j);
+      if (warp == 0 && j + 1 < num_chunks) fetch_gates(j + 1);
+      cp_async_fence();
     }
-    cp_async_fence();
     store_state_smem();
     if (warp == 0 && num_chunks > 0) {
-      cp_async_wait<0>();
+      cp_async_wait<S - 2>();
       scan_gates(0);
     }
 
@@ -458,11 +466,11 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       put_carry(0);
     }
     for (int c = 0; c < num_chunks; ++c) {
-      const int stage = c & 1;
-      cp_async_wait<0>();
+      const int stage = c % S, par = c & 1;   // tiles by stage; gates, weights, carries by parity
+      cp_async_wait<S - 2>();            // group c: chunk c's tiles, chunk c + 1's raw gates
       fence_view_async_shared();         // this thread's copies and stores, to the wgmma proxy
       bar_sync(kBarChunk, 2 * kWg);      // chunk c, its gates and the state copy are visible
-      const float* G = g_buf + stage * C;
+      const float* G = g_buf + par * C;
       const float g_last = G[C - 1];
       Tensor accX = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) X = Q S
       {
@@ -471,14 +479,14 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         Tensor tXrSt = thr_qk.partition_fragment_B(sSt);                     // (MMA, 1, DK/16)
         wgmma_issue(mma_qk, tXrQ, tXrSt, accX, true);
       }
-      if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);   // while the tensor cores work
-      if (warp == 0 && c + 2 < num_chunks) fetch_gates(c + 2);   // into chunk c's raw slot (scanned)
+      if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);   // while the tensor cores work
+      if (warp == 0 && c + S < num_chunks) fetch_gates(c + S);   // into chunk c's raw slot (scanned)
       cp_async_fence();
       // V^T scaled by each row's decay to the chunk end, the state update's A operand: made while
       // X's wgmma runs where registers allow (DK = 128), after X's hand-over at DK = 64 (two
       // blocks per SM: 128 registers)
       Tensor tHrVs = make_vt_fragment<Elem>();   // (MMA, 1, C/16)
-      auto make_vs = [&] { load_scaled_vt<Elem, BV>(v_buf + stage * Tr::kV, w_buf + stage * C, warp, lane, tHrVs); };
+      auto make_vs = [&] { load_scaled_vt<Elem, BV>(v_buf + stage * Tr::kV, w_buf + par * C, warp, lane, tHrVs); };
       constexpr bool kEarlyVs = DK == 128;
       if constexpr (kEarlyVs) make_vs();
       {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
@@ -556,11 +564,14 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
           len, token);
     };
 
-    if (num_chunks > 0) load_chunk(0, 0);
-    cp_async_fence();
+    CUTE_UNROLL
+    for (int j = 0; j < S - 1; ++j) {
+      if (j < num_chunks) load_chunk(j, j);
+      cp_async_fence();
+    }
     for (int c = 0; c < num_chunks; ++c) {
-      const int stage = c & 1;
-      cp_async_wait<0>();
+      const int stage = c % S, par = c & 1;   // loads by stage; gates, carries by parity
+      cp_async_wait<S - 2>();
       bar_sync(kBarChunk, 2 * kWg);
       Tensor accS = partition_fragment_C(mma_qk, Shape<Int<C>, Int<C>>{});    // (MMA, 1, 1) Q K^T
       Tensor accQc = partition_fragment_C(mma_qc, Shape<Int<C>, _8>{});       // (MMA, 1, 1) kDen: Q carry^T
@@ -571,16 +582,16 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         Tensor tSrK = thr_qk.partition_fragment_B(sK);                          // (MMA, 1, DK/16)
         wgmma_issue(mma_qk, tSrQ, tSrK, accS, true);
         if constexpr (kDen) {   // <q, carry> in columns 0 (hi) and 1 (lo)
-          Tensor sCt = make_tensor(make_smem_ptr(ct_buf + stage * Tr::kCt), typename Tr::LayoutCt{});   // (8, DK)
+          Tensor sCt = make_tensor(make_smem_ptr(ct_buf + par * Tr::kCt), typename Tr::LayoutCt{});   // (8, DK)
           Tensor tQrQ = thr_qc.partition_fragment_A(sQ);                        // (MMA, 1, DK/16)
           Tensor tQrCt = thr_qc.partition_fragment_B(sCt);                      // (MMA, 1, DK/16)
           wgmma_issue(mma_qc, tQrQ, tQrCt, accQc, true);
         }
       }
-      if (c + 1 < num_chunks) load_chunk(c + 1, stage ^ 1);   // while the tensor cores work
+      if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);   // while the tensor cores work
       cp_async_fence();
       {
-        const float* G = g_buf + stage * C;
+        const float* G = g_buf + par * C;
         Tensor sVt = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutVt{});   // (BV, C)
         warpgroup_wait<0>();
         fence_operand(accS);
