@@ -10,7 +10,7 @@
 //       S^T <- exp(G_last) S^T + Vs^T K,        Vs = V * exp(G_last - G) * scale_update,
 //     and its copy in the input dtype ((BV, DK), K-major: the B operand of Q S); per chunk
 //       X = diag(exp(G)) Q S * scale_inter   (fp32, handed over through shared memory),
-//     and the loads of the next chunk's q, k, v (cp.async, two stages);
+//     and the loads of q, k, v (cp.async, Traits::kStages stages: two chunks ahead at DK = 128);
 //   output warpgroup: P = (Q K^T) * D * scale_intra, O = P V + X, the output epilogue
 //     (dots, row divisors, stores) and the gates.
 //
