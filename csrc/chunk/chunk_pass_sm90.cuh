@@ -109,11 +109,11 @@ struct Traits {
   // and the raw gates; the dots partner (kStages stages) last, allocated only when a pass has dots.
   static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK, kCt = 8 * DK;   // kCt: one stage of the carry
   static constexpr int kOffQ = 0, kOffK = kStages * kQK, kOffV = 2 * kStages * kQK, kOffSt = kOffV + kStages * kV;
-  static constexpr int kOffCt = kOffSt + kSt, kOffF32 = kOffCt + 2 * kCt;
+  static constexpr int kOffCt = kOffSt + 2 * kSt, kOffF32 = kOffCt + 2 * kCt;
   // the fp32 part in floats, padded so that the dots partner starts on a kAlign boundary (its
   // ldmatrix reads assume the swizzle's absolute addresses)
   static constexpr int kAlign = 1024;   // the swizzle and the GMMA descriptors use absolute addresses
-  static constexpr int kF32 = (C * BV + (4 + 2 * kStages) * C + kStages * BV + kAlign / 4 - 1) / (kAlign / 4) * (kAlign / 4);
+  static constexpr int kF32 = ((4 + 2 * kStages) * C + kStages * BV + kAlign / 4 - 1) / (kAlign / 4) * (kAlign / 4);
   static_assert(kOffF32 * int(sizeof(Elem)) % kAlign == 0, "the fp32 part starts aligned");
   static constexpr int kBytesNoDots = kOffF32 * int(sizeof(Elem)) + kF32 * int(sizeof(float));
   static constexpr int kBytesDots = kBytesNoDots + kStages * kV * int(sizeof(Elem));
@@ -262,15 +262,14 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   Elem* const q_buf = smem + Tr::kOffQ;     // [S][C*DK]
   Elem* const k_buf = smem + Tr::kOffK;     // [S][C*DK]
   Elem* const v_buf = smem + Tr::kOffV;     // [S][C*BV]
-  Elem* const st_buf = smem + Tr::kOffSt;   // [BV*DK] S^T in the input dtype
+  Elem* const st_buf = smem + Tr::kOffSt;   // [2][BV*DK] S^T in the input dtype, by the parity of the chunk it enters
   Elem* const ct_buf = smem + Tr::kOffCt;   // [2][8*DK] the normaliser's carry, hi and lo rows (kDen)
-  float* const x_buf = reinterpret_cast<float*>(smem + Tr::kOffF32);   // [C*BV] X, thread-major
-  float* const g_buf = x_buf + C * BV;                                  // [2][C] cumulative gates (log2)
+  float* const g_buf = reinterpret_cast<float*>(smem + Tr::kOffF32);   // [2][C] cumulative gates (log2)
   float* const div_buf = g_buf + 2 * C;        // [S][C] output row divisors, or the normaliser's w
   float* const carry_buf = div_buf + S * C;    // [S][BV] the normaliser's carry at each chunk's start
   float* const w_buf = carry_buf + S * BV;     // [2][C] the update's row weights 2^(G_last - G) * scale_update
   float* const raw_buf = w_buf + 2 * C;        // [S][C] per-step raw gates (cp.async), chunk c in slot c % S
-  Elem* const dot_buf = reinterpret_cast<Elem*>(x_buf + Tr::kF32);    // [S][C*BV] rows of dot_with
+  Elem* const dot_buf = reinterpret_cast<Elem*>(g_buf + Tr::kF32);    // [S][C*BV] rows of dot_with
 
   const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z / p.num_segs, seg = blockIdx.z % p.num_segs;
   const bool flip = p.reverse;
@@ -323,9 +322,6 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
   Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
   const int r0 = get<0>(tScS(0)), c0 = get<1>(tScS(0));
   CUTE_STATIC_ASSERT_V(size(tScS) == Int<2 * C / 8 * 2>{});
-  // X moves thread to thread: value i of thread t at x_buf[(i / 4) * 4 * kWg + 4 t + i % 4]
-  constexpr int kX = C * BV / kWg;   // values per thread
-  auto x_vec = [&](int j) { return reinterpret_cast<float4*>(x_buf + j * 4 * kWg + 4 * tid); };
 
   if (state_wg) {
     // ------------------------------------------------------------------ state warpgroup
@@ -369,15 +365,16 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       CUTE_UNROLL
       for (int i = 0; i < size(accH); ++i) accH(i) = a * accH(i) + u[state_at(i, DV, 1)];
     }
-    Tensor sSt = make_tensor(make_smem_ptr(st_buf), typename Tr::LayoutSt{});   // (BV, DK)
     auto sts_state = make_tiled_copy_C(typename Tr::StsmAtom{}, mma_su);
     auto sts_state_thr = sts_state.get_thread_slice(tid);
-    Tensor tHsSt = sts_state_thr.partition_D(sSt);
-    auto store_state_smem = [&] {   // the copy in the input dtype, by stmatrix
+    Tensor tHsSt0 = sts_state_thr.partition_D(make_tensor(make_smem_ptr(st_buf), typename Tr::LayoutSt{}));
+    Tensor tHsSt1 = sts_state_thr.partition_D(make_tensor(make_smem_ptr(st_buf + Tr::kSt), typename Tr::LayoutSt{}));
+    auto store_state_smem = [&](int par) {   // the copy in the input dtype, by stmatrix
       Tensor rH = make_tensor_like<Elem>(accH);
       CUTE_UNROLL
       for (int i = 0; i < size(accH); ++i) rH(i) = static_cast<Elem>(accH(i));
-      copy(sts_state, sts_state_thr.retile_S(rH), tHsSt);
+      if (par) copy(sts_state, sts_state_thr.retile_S(rH), tHsSt1);
+      else copy(sts_state, sts_state_thr.retile_S(rH), tHsSt0);
     };
 
     // S - 1 commit groups ahead of the loop: group j holds chunk j's tiles and chunk j + 1's
@@ -390,7 +387,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       if (warp == 0 && j + 1 < num_chunks) fetch_gates(j + 1);
       cp_async_fence();
     }
-    store_state_smem();
+    store_state_smem(0);
     if (warp == 0 && num_chunks > 0) {
       cp_async_wait<S - 2>();
       scan_gates(0);
@@ -470,36 +467,13 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       cp_async_wait<S - 2>();            // group c: chunk c's tiles, chunk c + 1's raw gates
       fence_view_async_shared();         // this thread's copies and stores, to the wgmma proxy
       bar_sync(kBarChunk, 2 * kWg);      // chunk c, its gates and the state copy are visible
-      const float* G = g_buf + par * C;
-      const float g_last = G[C - 1];
-      Tensor accX = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) X = Q S
-      {
-        Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
-        Tensor tXrQ = thr_qk.partition_fragment_A(sQ);                       // (MMA, 1, DK/16)
-        Tensor tXrSt = thr_qk.partition_fragment_B(sSt);                     // (MMA, 1, DK/16)
-        wgmma_issue(mma_qk, tXrQ, tXrSt, accX, true);
-      }
-      if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);   // while the tensor cores work
+      const float g_last = g_buf[par * C + C - 1];
+      if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
       if (warp == 0 && c + S < num_chunks) fetch_gates(c + S);   // into chunk c's raw slot (scanned)
       cp_async_fence();
-      // V^T scaled by each row's decay to the chunk end, the state update's A operand: made while
-      // X's wgmma runs where registers allow (DK = 128), after X's hand-over at DK = 64 (two
-      // blocks per SM: 128 registers)
+      // V^T scaled by each row's decay to the chunk end, the state update's A operand
       Tensor tHrVs = make_vt_fragment<Elem>();   // (MMA, 1, C/16)
-      auto make_vs = [&] { load_scaled_vt<Elem, BV>(v_buf + stage * Tr::kV, w_buf + par * C, warp, lane, tHrVs); };
-      constexpr bool kEarlyVs = DK == 128;
-      if constexpr (kEarlyVs) make_vs();
-      {   // X = diag(exp(G)) Q S * scale_inter, to the output warpgroup
-        warpgroup_wait<0>();
-        fence_operand(accX);
-        const float w[2] = {exp2_ftz(G[r0]) * p.scale_inter, exp2_ftz(G[r0 + 8]) * p.scale_inter};
-        CUTE_UNROLL
-        for (int j = 0; j < kX / 4; ++j)
-          *x_vec(j) = make_float4(accX(4 * j) * w[0], accX(4 * j + 1) * w[0], accX(4 * j + 2) * w[1],
-                                  accX(4 * j + 3) * w[1]);
-        bar_arrive(kBarX, 2 * kWg);
-      }
-      if constexpr (!kEarlyVs) make_vs();
+      load_scaled_vt<Elem, BV>(v_buf + stage * Tr::kV, w_buf + par * C, warp, lane, tHrVs);
       const float a = exp2_ftz(g_last);
       CUTE_UNROLL
       for (int i = 0; i < size(accH); ++i) accH(i) *= a;
@@ -511,7 +485,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       warpgroup_wait<0>();
       fence_operand(accH);
       if constexpr (kDen) put_carry(c + 1);
-      store_state_smem();   // read by the next chunk's X, after its barrier
+      store_state_smem(par ^ 1);   // read by the output warpgroup's Q S of chunk c + 1, after its barrier
       if (warp == 0 && c + 1 < num_chunks) scan_gates(c + 1);   // its raw gates came with chunk c
     }
 
@@ -574,6 +548,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       cp_async_wait<S - 2>();
       bar_sync(kBarChunk, 2 * kWg);
       Tensor accS = partition_fragment_C(mma_qk, Shape<Int<C>, Int<C>>{});    // (MMA, 1, 1) Q K^T
+      Tensor accO = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) O
       Tensor accQc = partition_fragment_C(mma_qc, Shape<Int<C>, _8>{});       // (MMA, 1, 1) kDen: Q carry^T
       {
         Tensor sQ = make_tensor(make_smem_ptr(q_buf + stage * Tr::kQK), typename Tr::LayoutQK{});   // (C, DK)
@@ -587,13 +562,17 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
           Tensor tQrCt = thr_qc.partition_fragment_B(sCt);                      // (MMA, 1, DK/16)
           wgmma_issue(mma_qc, tQrQ, tQrCt, accQc, true);
         }
+        // the inter-chunk term Q S (the state entering chunk c, in the input dtype): a group of its
+        // own, running while the scores are masked
+        Tensor sSt = make_tensor(make_smem_ptr(st_buf + par * Tr::kSt), typename Tr::LayoutSt{});   // (BV, DK)
+        wgmma_issue(mma_qk, tSrQ, thr_qk.partition_fragment_B(sSt), accO, true);
       }
       if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);   // while the tensor cores work
       cp_async_fence();
       {
         const float* G = g_buf + par * C;
         Tensor sVt = make_tensor(make_smem_ptr(v_buf + stage * Tr::kV), typename Tr::LayoutVt{});   // (BV, C)
-        warpgroup_wait<0>();
+        warpgroup_wait<1>();   // Q K^T (and Q carry^T); Q S may still run
         fence_operand(accS);
         float q_carry[2];   // kDen: <q, carry> of rows r0, r0 + 8, from the quad's first lane
         if constexpr (kDen) {
@@ -619,9 +598,17 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         } else {
           decay_mask_scores(accS, G, r0, c0, p.scale_intra, put_p);
         }
-        Tensor accO = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1) O
+        // O = diag(exp(G)) Q S * scale_inter + P V: Q S's rows scaled in the accumulator, P V added
+        // by the tensor cores
+        warpgroup_wait<0>();
+        fence_operand(accO);
+        {
+          const float w[2] = {exp2_ftz(G[r0]) * p.scale_inter, exp2_ftz(G[r0 + 8]) * p.scale_inter};
+          CUTE_UNROLL
+          for (int i = 0; i < size(accO); ++i) accO(i) *= w[(i / 2) % 2];
+        }
         Tensor tOrV = thr_pv.partition_fragment_B(sVt);                         // (MMA, 1, C/16)
-        wgmma_issue(mma_pv, rP, tOrV, accO, true);
+        wgmma_issue(mma_pv, rP, tOrV, accO, false);
         float inv[2] = {1.f, 1.f};   // kDen: 1 / den of rows r0, r0 + 8
         if constexpr (kDen) {   // den = scale <q, carry> + the masked scores' row sum (+ 1e-10)
           chunk::sum_over_quad(row_sum);
@@ -635,25 +622,9 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         }
         warpgroup_wait<0>();
         fence_operand(accO);
-        if constexpr (kDen) {   // before the barrier: after it, X / den is one FMA per value
+        if constexpr (kDen) {
           CUTE_UNROLL
           for (int i = 0; i < size(accO); ++i) accO(i) *= inv[(i / 2) % 2];
-        }
-        bar_sync(kBarX, 2 * kWg);          // X is in
-        CUTE_UNROLL
-        for (int j = 0; j < kX / 4; ++j) {
-          const float4 x = *x_vec(j);
-          if constexpr (kDen) {
-            accO(4 * j) = fmaf(x.x, inv[0], accO(4 * j));
-            accO(4 * j + 1) = fmaf(x.y, inv[0], accO(4 * j + 1));
-            accO(4 * j + 2) = fmaf(x.z, inv[1], accO(4 * j + 2));
-            accO(4 * j + 3) = fmaf(x.w, inv[1], accO(4 * j + 3));
-          } else {
-            accO(4 * j) += x.x;
-            accO(4 * j + 1) += x.y;
-            accO(4 * j + 2) += x.z;
-            accO(4 * j + 3) += x.w;
-          }
         }
         if constexpr (kNorm) {   // + the carry, times w of the row (dq) or not (dk)
           const float* w = div_buf + stage * C;
