@@ -8,17 +8,20 @@
 //
 //   state warpgroup: carries S^T (BV, DK) in fp32 registers, the accumulator of its update
 //       S^T <- exp(G_last) S^T + Vs^T K,        Vs = V * exp(G_last - G) * scale_update,
-//     and its copy in the input dtype ((BV, DK), K-major: the B operand of Q S); per chunk
-//       X = diag(exp(G)) Q S * scale_inter   (fp32, handed over through shared memory),
-//     and the loads of q, k, v (cp.async, Traits::kStages stages: two chunks ahead at DK = 128);
-//   output warpgroup: P = (Q K^T) * D * scale_intra, O = P V + X, the output epilogue
-//     (dots, row divisors, stores) and the gates.
+//     and its copy in the input dtype ((BV, DK), K-major: the B operand of Q S; two copies, by
+//     the parity of the chunk they enter), the loads of q, k, v (cp.async, Traits::kStages
+//     stages: two chunks ahead at DK = 128) and the gates;
+//   output warpgroup: Q K^T and Q S (two wgmma groups from shared memory, Q S running while
+//     the scores are masked), P = (Q K^T) * D * scale_intra, O = diag(exp(G)) Q S * scale_inter
+//     + P V (Q S's rows scaled in the accumulator, P V accumulated onto it), the output
+//     epilogue (dots, row divisors, stores).
 //
-// Per chunk: a barrier of both (chunk c's inputs and gates are in), then each its wgmma;
-// the state warpgroup signals X with bar.arrive and goes on with the state update while the
-// output warpgroup finishes. Accumulators have the m16n8 layout per warp (warp w of a
-// warpgroup owns rows 16w..16w+15), the same in both warpgroups, so X moves thread to
-// thread. The state copy and the output leave the registers by stmatrix. Shared tiles use
+// Per chunk one barrier of both (chunk c's inputs, its gates and the state copy entering it
+// are in), then each its wgmma. Until session 18 the state warpgroup computed X = Q S and
+// handed it over in fp32 through shared memory (a second barrier, loads and adds on the
+// output warpgroup's path, which is the walk's critical path): issuing Q S there took 6-7% off
+// every walk. Accumulators have the m16n8 layout per warp (warp w of a warpgroup owns rows
+// 16w..16w+15). The state copy and the output leave the registers by stmatrix. Shared tiles use
 // the 128-byte swizzle of the SM80 pass: its plain layouts and the GMMA canonical ones put
 // every element at the same byte (compared element by element on the host when this was
 // written; any mismatch would fail every GPU test), so the threads' cp.async keep the plain
@@ -29,8 +32,8 @@
 // (ChunkParams::norm_den). There the state warpgroup keeps the key sums on tensor cores too
 // (1^T K by MMAs with an all-ones A, while the state update runs) and writes the carry's hi and
 // lo rows for the next chunk; the output warpgroup takes <q, carry> by one more wgmma next to
-// Q K^T (N = 8, against those rows), adds the row sums of its masked scores, and divides before
-// X arrives. A first version on CUDA cores (the sums by loads and adds, <q, carry> by two lanes
+// Q K^T (N = 8, against those rows), adds the row sums of its masked scores, and divides O
+// once P V is in. A first version on CUDA cores (the sums by loads and adds, <q, carry> by two lanes
 // a row) added 45% to the pass's instructions and 35 us to its 125 at B=4, T=4096, H=16,
 // K=V=128; this one adds 17 us.
 #pragma once
@@ -102,9 +105,9 @@ struct Traits {
   // block per SM: shared memory to spare; one chunk ahead left the loads of 128 blocks about one
   // chunk's compute time to arrive); two at DK = 64, where two blocks share an SM.
   static constexpr int kStages = DK == 128 ? 3 : 2;
-  // Shared memory in elements from a 1024-byte aligned base: kStages stages of q, k, v; S^T; two
-  // stages of the forward normaliser's carry (8, DK) (rows hi, lo, zeros); then fp32: X (C, BV),
-  // two stages (by chunk parity) of gates and the update's row weights, kStages stages (loaded
+  // Shared memory in elements from a 1024-byte aligned base: kStages stages of q, k, v; S^T twice
+  // (by chunk parity); two stages of the forward normaliser's carry (8, DK) (rows hi, lo, zeros);
+  // then fp32: two stages (by chunk parity) of gates and the update's row weights, kStages stages (loaded
   // with the tiles) of row divisors (or the normaliser's weights), the normaliser's carry rows
   // and the raw gates; the dots partner (kStages stages) last, allocated only when a pass has dots.
   static constexpr int kQK = C * DK, kV = C * BV, kSt = BV * DK, kCt = 8 * DK;   // kCt: one stage of the carry
@@ -151,7 +154,8 @@ __device__ __forceinline__ void wgmma_issue(Mma& mma, TA const& tA, TB const& tB
 }
 
 // Named barriers (0 is __syncthreads): the chunk's inputs are in (both warpgroups); X is
-// written (the state warpgroup arrives, the output warpgroup waits). The non-aligned forms:
+// written (GLA mode's pass: its state warpgroup arrives, its output warpgroup waits). The
+// non-aligned forms:
 // the two warpgroups reach one barrier from different instructions, which bar.sync (=
 // barrier.sync.aligned) excludes; synccheck flags it (scripts/sanitizer_barrier_pattern.cu).
 enum : int { kBarChunk = 1, kBarX = 2 };
