@@ -19,7 +19,7 @@
 // Per chunk one barrier of both (chunk c's inputs, its gates and the state copy entering it
 // are in), then each its wgmma. Until session 18 the state warpgroup computed X = Q S and
 // handed it over in fp32 through shared memory (a second barrier, loads and adds on the
-// output warpgroup's path, which is the walk's critical path): issuing Q S there took 6-7% off
+// output warpgroup's path, which is the walk's critical path): issuing Q S there took 5.6-6.5% off
 // every walk. Accumulators have the m16n8 layout per warp (warp w of a warpgroup owns rows
 // 16w..16w+15). The state copy and the output leave the registers by stmatrix. Shared tiles use
 // the 128-byte swizzle of the SM80 pass: its plain layouts and the GMMA canonical ones put
