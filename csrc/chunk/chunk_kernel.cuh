@@ -562,8 +562,7 @@ __global__ void __launch_bounds__(128) chunk_pass_kernel(const __grid_constant__
       {
         const int r0 = get<0>(tOcO(0));
         const float w[2] = {exp2_ftz(G[r0]) * p.scale_inter, exp2_ftz(G[r0 + 8]) * p.scale_inter};
-        CUTE_UNROLL
-        for (int i = 0; i < size(accO); ++i) accO(i) *= w[(i / 2) % 2];
+        scale_rows(accO, w);
       }
       // P is zero past the warp's diagonal block: its key blocks 0..warp only
       gemm_rs<Tr>(accO, tOrP, sVt, typename Tr::LdsmT{}, tid, warp + 1);

@@ -183,11 +183,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
 
     // the state-only launch runs without the output warpgroup (it has returned)
     const int chunk_bar_threads = p.state_only ? kWg : 2 * kWg;
-    CUTE_UNROLL
-    for (int j = 0; j < S - 1; ++j) {
-      if (j < num_chunks) load_chunk(j, j);
-      cp_async_fence();
-    }
+    load_first_chunks<S>(num_chunks, load_chunk);
     store_state_smem();
     for (int c = 0; c < num_chunks; ++c) {
       const int stage = c % S;
@@ -218,7 +214,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
         Tensor tXrSt = thr_qk.partition_fragment_B(sSt);
         wgmma_issue(mma_qk, tXrQ, tXrSt, accX, true);
       }
-      if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
+      load_chunk_ahead<S>(c, num_chunks, load_chunk);
       cp_async_fence();
       const float* decay = decay_buf + stage * Tr::kDecay;
       if (!p.state_only) {   // X = Q~ S * scale_inter, to the output warpgroup
@@ -295,11 +291,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
     auto sts_o_thr = sts_o.get_thread_slice(tid);
     Tensor tOcO = thr_qk.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));
 
-    CUTE_UNROLL
-    for (int j = 0; j < S - 1; ++j) {
-      if (j < num_chunks) load_chunk(j, j);
-      cp_async_fence();
-    }
+    load_first_chunks<S>(num_chunks, load_chunk);
     for (int c = 0; c < num_chunks; ++c) {
       const int stage = c % S;
       cp_async_wait<S - 2>();
@@ -311,7 +303,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
       // and its wait (split across branches, ptxas serialises the kernel's wgmma)
       if (p.A == nullptr) {
         clear(accO);
-        if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
+        load_chunk_ahead<S>(c, num_chunks, load_chunk);
         cp_async_fence();
       } else {
         // acc = A V (+ A_lo V) in one wgmma group; each variant holds its own issue and wait
@@ -326,13 +318,13 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
             wgmma_k(mma, thr.partition_fragment_A(sA), tOrV, accO, true);
             wgmma_k(mma, thr.partition_fragment_A(sL), tOrV, accO, false);
             warpgroup_commit_batch();
-            if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
+            load_chunk_ahead<S>(c, num_chunks, load_chunk);
             cp_async_fence();
             warpgroup_wait<0>();
           } else {
             wgmma_k(mma, thr.partition_fragment_A(sA), tOrV, accO, true);
             warpgroup_commit_batch();
-            if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
+            load_chunk_ahead<S>(c, num_chunks, load_chunk);
             cp_async_fence();
             warpgroup_wait<0>();
           }

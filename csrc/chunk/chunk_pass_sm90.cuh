@@ -153,6 +153,23 @@ __device__ __forceinline__ void wgmma_issue(Mma& mma, TA const& tA, TB const& tB
   warpgroup_commit_batch();
 }
 
+// The tile loads' pipeline of kStages = S stages: chunk c in stage c % S, loaded S - 1 chunks
+// before its turn, each chunk's loads one cp.async commit group (empty past the last chunk), so
+// that cp_async_wait<S - 2>() at chunk c's turn means chunk c is in. The first S - 1 chunks:
+template <int S, class Load>
+__device__ __forceinline__ void load_first_chunks(int num_chunks, Load& load_chunk) {
+  CUTE_UNROLL
+  for (int j = 0; j < S - 1; ++j) {
+    if (j < num_chunks) load_chunk(j, j);
+    cp_async_fence();
+  }
+}
+// at chunk c's turn, chunk c + S - 1 into the stage chunk c - 1 freed (the caller commits)
+template <int S, class Load>
+__device__ __forceinline__ void load_chunk_ahead(int c, int num_chunks, Load& load_chunk) {
+  if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
+}
+
 // Named barriers (0 is __syncthreads): the chunk's inputs are in (both warpgroups); X is
 // written (GLA mode's pass: its state warpgroup arrives, its output warpgroup waits). The
 // non-aligned forms:
@@ -472,7 +489,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
       fence_view_async_shared();         // this thread's copies and stores, to the wgmma proxy
       bar_sync(kBarChunk, 2 * kWg);      // chunk c, its gates and the state copy are visible
       const float g_last = g_buf[par * C + C - 1];
-      if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);
+      load_chunk_ahead<S>(c, num_chunks, load_chunk);
       if (warp == 0 && c + S < num_chunks) fetch_gates(c + S);   // into chunk c's raw slot (scanned)
       cp_async_fence();
       // V^T scaled by each row's decay to the chunk end, the state update's A operand
@@ -542,11 +559,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
           len, token);
     };
 
-    CUTE_UNROLL
-    for (int j = 0; j < S - 1; ++j) {
-      if (j < num_chunks) load_chunk(j, j);
-      cp_async_fence();
-    }
+    load_first_chunks<S>(num_chunks, load_chunk);
     for (int c = 0; c < num_chunks; ++c) {
       const int stage = c % S, par = c & 1;   // loads by stage; gates, carries by parity
       cp_async_wait<S - 2>();
@@ -571,7 +584,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         Tensor sSt = make_tensor(make_smem_ptr(st_buf + par * Tr::kSt), typename Tr::LayoutSt{});   // (BV, DK)
         wgmma_issue(mma_qk, tSrQ, thr_qk.partition_fragment_B(sSt), accO, true);
       }
-      if (c + S - 1 < num_chunks) load_chunk(c + S - 1, (c + S - 1) % S);   // while the tensor cores work
+      load_chunk_ahead<S>(c, num_chunks, load_chunk);   // while the tensor cores work
       cp_async_fence();
       {
         const float* G = g_buf + par * C;
@@ -608,8 +621,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         fence_operand(accO);
         {
           const float w[2] = {exp2_ftz(G[r0]) * p.scale_inter, exp2_ftz(G[r0 + 8]) * p.scale_inter};
-          CUTE_UNROLL
-          for (int i = 0; i < size(accO); ++i) accO(i) *= w[(i / 2) % 2];
+          chunk::scale_rows(accO, w);
         }
         Tensor tOrV = thr_pv.partition_fragment_B(sVt);                         // (MMA, 1, C/16)
         wgmma_issue(mma_pv, rP, tOrV, accO, false);
@@ -626,10 +638,7 @@ __global__ void __launch_bounds__(256, Traits<Elem_, DK>::kMinBlocks) chunk_pass
         }
         warpgroup_wait<0>();
         fence_operand(accO);
-        if constexpr (kDen) {
-          CUTE_UNROLL
-          for (int i = 0; i < size(accO); ++i) accO(i) *= inv[(i / 2) % 2];
-        }
+        if constexpr (kDen) chunk::scale_rows(accO, inv);
         if constexpr (kNorm) {   // + the carry, times w of the row (dq) or not (dk)
           const float* w = div_buf + stage * C;
           const float* carry = carry_buf + stage * BV;

@@ -197,12 +197,19 @@ __device__ __forceinline__ void store_row_dots(const ChunkParams& p, float (&par
   }
 }
 
-// One thread's m16n8 accumulator values (rows r0, r0 + 8) divided by their rows' divisors.
+// One thread's m16n8 accumulator values (rows r0, r0 + 8: values 4j, 4j + 1 and 4j + 2,
+// 4j + 3) times their rows' factors f[0], f[1].
+template <class Acc>
+__device__ __forceinline__ void scale_rows(Acc& acc, const float (&f)[2]) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) acc(i) *= f[(i / 2) % 2];
+}
+
+// The same values divided by their rows' divisors.
 template <class Acc>
 __device__ __forceinline__ void divide_rows(Acc& acc, const float* div, int r0) {
   const float inv[2] = {1.f / div[r0], 1.f / div[r0 + 8]};
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) acc(i) *= inv[(i / 2) % 2];
+  scale_rows(acc, inv);
 }
 
 // A warp's 16 staged output rows (rows 16 warp .. 16 warp + 15 of a (C, BV) tile in shared
