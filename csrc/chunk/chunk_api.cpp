@@ -109,7 +109,10 @@ template <bool kGla>
 void launch_pass(const ChunkParams& p, const Tensor& like, bool sm90, cudaStream_t stream) {
   half_dtype_switch(like, [&](auto e) {
     using Elem = decltype(e);
-    if (sm90 && kGla && (p.states_out != nullptr || p.state_dots != nullptr)) {
+    if (sm90 && kGla && p.state_dots != nullptr) {
+      if (p.DK == 64) run_chunk_pass_gla_sm90_dots<Elem, 64>(p, stream);
+      else run_chunk_pass_gla_sm90_dots<Elem, 128>(p, stream);
+    } else if (sm90 && kGla && p.states_out != nullptr) {
       if (p.DK == 64) run_chunk_pass_gla_sm90_states<Elem, 64>(p, stream);
       else run_chunk_pass_gla_sm90_states<Elem, 128>(p, stream);
     } else if (sm90 && kGla) {

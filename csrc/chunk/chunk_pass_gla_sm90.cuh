@@ -49,17 +49,20 @@ struct GlaTraits : Traits<Elem_, DK_> {
   static_assert(DK <= 128, "K = 256 tiles leave no room (the sm_80 pass takes them)");
 };
 
-// kStates: the walk writes states_out or computes state_dots (the two backward walks of dg);
-// a kernel of its own: with the state tiles' code in every walk, the forward and dv walks ran
-// 12-13 us slower. Three stages without the states (two fp32 state tiles leave no room for a
-// third stage of the others).
-template <bool kStates>
-constexpr int gla_pass_stages() { return kStates ? 2 : 3; }
+// What a walk does with its states besides the output, fixed at compile time: nothing (the
+// forward and dv walks), writes each chunk's entering state (states_out: the dq walk of dg), or
+// dots it with the forward walk's (state_dots: the dk walk). Each a kernel of its own: with the
+// state tiles' code in every walk, the forward and dv walks ran 12-13 us slower. Three stages
+// but with state_dots, whose two stages of fp32 state tiles leave no room for a third stage of
+// the others.
+enum StateIo : int { kNoStates = 0, kStatesOut = 1, kStateDots = 2 };
+template <int kIo>
+constexpr int gla_pass_stages() { return kIo == kStateDots ? 2 : 3; }
 
-template <typename Elem_, int DK, bool kStates>
+template <typename Elem_, int DK, int kIo>
 __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __grid_constant__ ChunkParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Tr = GlaTraits<Elem_, DK, gla_pass_stages<kStates>()>;
+  using Tr = GlaTraits<Elem_, DK, gla_pass_stages<kIo>()>;
   using Elem = typename Tr::Elem;
   constexpr int C = Tr::C, BV = Tr::BV, kWg = 128, S = Tr::kStages;
 
@@ -124,7 +127,7 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
       const float* decay = p.key_decay + (slot_of(c) * H + h) * decay_dim + (p.decay_cols ? tile * BV : 0);
       if (tid < (p.decay_cols ? BV : DK) / 4)
         chunk::cp_async_16(decay_buf + stage * Tr::kDecay + 4 * tid, decay + 4 * tid, true);
-      if (kStates && p.state_dots != nullptr) {   // the forward walk's state at this chunk
+      if constexpr (kIo == kStateDots) {   // the forward walk's state at this chunk
         const float* hin = p.states_in + (slot_of(c) * H + h) * DK * DV + int64_t(tile) * BV;
         float* dst = state_buf + stage * Tr::kStateTile;
         CUTE_UNROLL
@@ -193,12 +196,12 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
       Tensor accX = partition_fragment_C(mma_qk, Shape<Int<C>, Int<BV>>{});   // (MMA, 1, 1)
       if (!p.state_only) {
         const int64_t slot = slot_of(c);
-        if (kStates && p.states_out != nullptr) {   // the state entering chunk `slot` ([DK, DV] of the pass)
+        if constexpr (kIo == kStatesOut) {   // the state entering chunk `slot` ([DK, DV] of the pass)
           float* out = p.states_out + (slot * H + h) * DK * DV + int64_t(tile) * BV;
           CUTE_UNROLL
           for (int i = 0; i < size(accH); ++i) out[state_at(i, DV, 1)] = accH(i);
         }
-        if (kStates && p.state_dots != nullptr) {   // per state column v: sum over key rows of states_in * S
+        if constexpr (kIo == kStateDots) {   // per state column v: sum over key rows of states_in * S
           const float* hin = state_buf + stage * Tr::kStateTile;   // came with the chunk's tiles
           float part[2] = {0.f, 0.f};   // the thread's rows v = r0 and r0 + 8 of S^T
           CUTE_UNROLL
@@ -372,25 +375,32 @@ __global__ void __launch_bounds__(256, 1) chunk_pass_gla_sm90_kernel(const __gri
 
 }  // namespace chunk_sm90
 
-template <typename Elem, int DK, bool kStates>
+template <typename Elem, int DK, int kIo>
 void launch_chunk_pass_gla_sm90(const ChunkParams& p, cudaStream_t stream) {
-  using Tr = chunk_sm90::GlaTraits<Elem, DK, chunk_sm90::gla_pass_stages<kStates>()>;
-  auto kernel = chunk_sm90::chunk_pass_gla_sm90_kernel<Elem, DK, kStates>;
-  if (kStates != (p.states_out != nullptr || p.state_dots != nullptr))
+  using Tr = chunk_sm90::GlaTraits<Elem, DK, chunk_sm90::gla_pass_stages<kIo>()>;
+  auto kernel = chunk_sm90::chunk_pass_gla_sm90_kernel<Elem, DK, kIo>;
+  const int io = p.state_dots != nullptr ? chunk_sm90::kStateDots
+                 : p.states_out != nullptr ? chunk_sm90::kStatesOut : chunk_sm90::kNoStates;
+  if (io != kIo || (p.state_dots != nullptr && p.states_out != nullptr))
     throw std::invalid_argument("fla_cuda: GLA pass launched as the wrong variant for its states");
-  const int smem = p.state_dots != nullptr ? Tr::kBytes : Tr::kBytesNoStates;
+  const int smem = kIo == chunk_sm90::kStateDots ? Tr::kBytes : Tr::kBytesNoStates;
   launch_with_smem(kernel, dim3(p.DV / Tr::BV, p.H, p.N * p.num_segs), Tr::kThreads, smem + Tr::kAlign, smem + Tr::kAlign,
                    stream, p);
 }
 
 template <typename Elem, int DK>
 void run_chunk_pass_gla_sm90(const ChunkParams& p, cudaStream_t stream) {
-  launch_chunk_pass_gla_sm90<Elem, DK, false>(p, stream);
+  launch_chunk_pass_gla_sm90<Elem, DK, chunk_sm90::kNoStates>(p, stream);
 }
 
 template <typename Elem, int DK>
 void run_chunk_pass_gla_sm90_states(const ChunkParams& p, cudaStream_t stream) {
-  launch_chunk_pass_gla_sm90<Elem, DK, true>(p, stream);
+  launch_chunk_pass_gla_sm90<Elem, DK, chunk_sm90::kStatesOut>(p, stream);
+}
+
+template <typename Elem, int DK>
+void run_chunk_pass_gla_sm90_dots(const ChunkParams& p, cudaStream_t stream) {
+  launch_chunk_pass_gla_sm90<Elem, DK, chunk_sm90::kStateDots>(p, stream);
 }
 
 }  // namespace fla

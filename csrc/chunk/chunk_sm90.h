@@ -26,11 +26,13 @@ template <typename Elem, int DK>
 void run_chunk_pass_sm90_den(const ChunkParams& p, cudaStream_t stream);
 
 // GLA mode of the pass (chunk_pass_gla_sm90.cuh): same conditions, one block per SM; the
-// walks with states_out or state_dots take the _states launch.
+// walks with states_out take the _states launch, those with state_dots the _dots launch.
 template <typename Elem, int DK>
 void run_chunk_pass_gla_sm90(const ChunkParams& p, cudaStream_t stream);
 template <typename Elem, int DK>
 void run_chunk_pass_gla_sm90_states(const ChunkParams& p, cudaStream_t stream);
+template <typename Elem, int DK>
+void run_chunk_pass_gla_sm90_dots(const ChunkParams& p, cudaStream_t stream);
 
 // Whether this build has sm_90a code for the pass (queried once), and how many of its blocks
 // fit one SM (passes with dots keep the partner's two stages in shared memory).

@@ -1,6 +1,6 @@
 """Writes one .cu per (head dim of q/k, dtype) of the chunk pass kernel, of its GLA mode and
 of the wgmma pass, its normaliser variants (gradient, forward), its state-only launch and the
-GLA mode's two launches (head dims 64, 128), of the GLA intra-chunk kernels (forward per head
+GLA mode's three launches (head dims 64, 128), of the GLA intra-chunk kernels (forward per head
 dim; the backward takes K and V at run time, one per dtype), so ninja compiles them in
 parallel. Run from anywhere: python csrc/chunk/instantiations/generate.py
 """
@@ -46,6 +46,8 @@ for dk in HEADDIMS:
                   f"void fla::run_chunk_pass_gla_sm90<{args}>{PASS}")
             write(f"chunk_pass_gla_sm90_states_dk{dk}_{name}.cu", "chunk_pass_gla_sm90.cuh",
                   f"void fla::run_chunk_pass_gla_sm90_states<{args}>{PASS}")
+            write(f"chunk_pass_gla_sm90_dots_dk{dk}_{name}.cu", "chunk_pass_gla_sm90.cuh",
+                  f"void fla::run_chunk_pass_gla_sm90_dots<{args}>{PASS}")
 
 for name, ctype in DTYPES.items():
     write(f"gla_bwd_intra_{name}.cu", "gla_bwd_intra_kernel.cuh",
