@@ -103,11 +103,7 @@ __global__ void __launch_bounds__(256, 2) chunk_states_sm90_kernel(const __grid_
   clear(accH);
   float gate_sum = 0.f;
 
-  CUTE_UNROLL
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_chunks) load_chunk(s, s);
-    cute::cp_async_fence();
-  }
+  load_first_chunks<kStages>(num_chunks, load_chunk);
   if (gate_warp && num_chunks > 0) {
     fetch_gates(0);
     scan_gates(0);
@@ -117,7 +113,7 @@ __global__ void __launch_bounds__(256, 2) chunk_states_sm90_kernel(const __grid_
     const int stage = c % kStages;
     cute::cp_async_wait<kStages - 2>();   // this thread's copies of chunk c
     __syncthreads();   // everyone's copies and gates of chunk c; chunk c - 1's wgmmas are done
-    if (c + kStages - 1 < num_chunks) load_chunk(c + kStages - 1, (c + kStages - 1) % kStages);
+    load_chunk_ahead<kStages>(c, num_chunks, load_chunk);
     cute::cp_async_fence();
     if (gate_warp && c + 1 < num_chunks) {
       scan_gates((c + 1) % kStages);
