@@ -96,37 +96,21 @@ __device__ __forceinline__ BlockCoord block_coord(const RecurrentParams& p, uint
   return c;
 }
 
+// An element of the input dtype as loaded: its bits, widened to fp32 when the step uses it.
+template <typename T> struct RawElem { using type = unsigned short; };
+template <> struct RawElem<float> { using type = float; };
+template <typename T> __device__ __forceinline__ float widen(typename RawElem<T>::type x);
+template <> __device__ __forceinline__ float widen<float>(float x) { return x; }
+template <> __device__ __forceinline__ float widen<__nv_bfloat16>(unsigned short x) {
+  return __uint_as_float(static_cast<uint32_t>(x) << 16);
+}
+template <> __device__ __forceinline__ float widen<__half>(unsigned short x) { return __half2float(__ushort_as_half(x)); }
+
 // Everything one step reads: element threadIdx.x of the K-vectors (staged to shared
-// memory for all threads) and the per-column scalars of this thread's column. Held in
-// registers so the forward can issue the next step's loads before computing this one.
+// memory for all threads) and the per-column scalars of this thread's column.
 struct StepInputs {
   float q, k, a, b, alpha;
   float v, dout, gamma, beta;
-
-  template <typename T>
-  __device__ __forceinline__ void load(const RecurrentParams& p, const BlockCoord& c, int64_t t,
-                                       bool with_dout) {
-    const int e = threadIdx.x;
-    const bool e_ok = e < p.K;
-    const int64_t qk = (t * p.H + c.h) * p.K + e;
-    // With in-kernel l2norm the scale is applied after normalising (normalize_qk).
-    q = e_ok ? to_float(static_cast<const T*>(p.q)[qk]) * (p.l2norm_qk ? 1.f : p.scale) : 0.f;
-    k = e_ok ? to_float(static_cast<const T*>(p.k)[qk]) : 0.f;
-    a = (p.a && e_ok) ? to_float(static_cast<const T*>(p.a)[qk]) : 0.f;
-    b = (p.b && e_ok) ? to_float(static_cast<const T*>(p.b)[qk]) : 0.f;
-    alpha = (p.gk && e_ok) ? __expf(p.gk[(t * p.gk_heads + c.hg) * p.K + e]) : 1.f;
-    const int64_t tv = (t * p.HV + c.hv) * p.V + c.col;
-    v = c.col_ok ? to_float(static_cast<const T*>(p.v)[tv]) : 0.f;
-    dout = (with_dout && c.col_ok) ? to_float(static_cast<const T*>(p.dout)[tv]) : 0.f;
-    gamma = p.g ? __expf(p.g[t * p.HV + c.hv]) : 1.f;
-    if (p.gv && c.col_ok) gamma *= __expf(p.gv[tv]);
-    beta = 1.f;
-    if (p.delta) {
-      const int64_t bi = p.beta_per_v ? tv : t * p.HV + c.hv;
-      const bool ok = !p.beta_per_v || c.col_ok;
-      beta = !ok ? 0.f : p.beta_fp32 ? static_cast<const float*>(p.beta)[bi] : to_float(static_cast<const T*>(p.beta)[bi]);
-    }
-  }
 
   template <int KMAX>
   __device__ __forceinline__ void stage(float (*vec)[KMAX]) const {
@@ -140,6 +124,76 @@ struct StepInputs {
     }
   }
 };
+
+// StepInputs as loaded, before any arithmetic on them. The forward walk holds these a
+// step ahead and the decode kernel two tiles ahead: a conversion or exp at load time made
+// the thread wait there for the load (and ptxas spilled the values, whose stores wait too),
+// so `convert` does that work when the step runs.
+template <typename T>
+struct RawStepInputs {
+  using E = typename RawElem<T>::type;
+  E q, k, a, b, v, dout;
+  float log_alpha, log_gamma, log_gv;
+  uint32_t beta_bits;  // fp32 bits when p.beta_fp32, else the input dtype's
+
+  __device__ __forceinline__ void load(const RecurrentParams& p, const BlockCoord& c, int64_t t, bool with_dout) {
+    const int e = threadIdx.x;
+    const bool e_ok = e < p.K;
+    const int64_t qk = (t * p.H + c.h) * p.K + e;
+    const E zero = E(0);
+    q = e_ok ? static_cast<const E*>(p.q)[qk] : zero;
+    k = e_ok ? static_cast<const E*>(p.k)[qk] : zero;
+    a = (p.a && e_ok) ? static_cast<const E*>(p.a)[qk] : zero;
+    b = (p.b && e_ok) ? static_cast<const E*>(p.b)[qk] : zero;
+    log_alpha = (p.gk && e_ok) ? p.gk[(t * p.gk_heads + c.hg) * p.K + e] : 0.f;
+    const int64_t tv = (t * p.HV + c.hv) * p.V + c.col;
+    v = c.col_ok ? static_cast<const E*>(p.v)[tv] : zero;
+    dout = (with_dout && c.col_ok) ? static_cast<const E*>(p.dout)[tv] : zero;
+    log_gamma = p.g ? p.g[t * p.HV + c.hv] : 0.f;
+    log_gv = (p.gv && c.col_ok) ? p.gv[tv] : 0.f;
+    beta_bits = 0u;
+    if (p.delta) {
+      const int64_t bi = p.beta_per_v ? tv : t * p.HV + c.hv;
+      if (!p.beta_per_v || c.col_ok) {
+        if (p.beta_fp32)
+          beta_bits = __float_as_uint(static_cast<const float*>(p.beta)[bi]);
+        else if constexpr (sizeof(E) == 4)
+          beta_bits = __float_as_uint(static_cast<const E*>(p.beta)[bi]);
+        else
+          beta_bits = static_cast<const E*>(p.beta)[bi];
+      }
+    }
+  }
+
+  __device__ __forceinline__ StepInputs convert(const RecurrentParams& p) const {
+    StepInputs in;
+    // With in-kernel l2norm the scale is applied after normalising (normalize_qk).
+    in.q = widen<T>(q) * (p.l2norm_qk ? 1.f : p.scale);
+    in.k = widen<T>(k);
+    in.a = widen<T>(a);
+    in.b = widen<T>(b);
+    in.alpha = p.gk ? __expf(log_alpha) : 1.f;
+    in.v = widen<T>(v);
+    in.dout = widen<T>(dout);
+    in.gamma = p.g ? __expf(log_gamma) : 1.f;
+    if (p.gv) in.gamma *= __expf(log_gv);
+    in.beta = 1.f;
+    if (p.delta) {
+      if constexpr (sizeof(E) == 4)
+        in.beta = __uint_as_float(beta_bits);
+      else
+        in.beta = p.beta_fp32 ? __uint_as_float(beta_bits) : widen<T>(static_cast<E>(beta_bits));
+    }
+    return in;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ StepInputs load_step(const RecurrentParams& p, const BlockCoord& c, int64_t t, bool with_dout) {
+  RawStepInputs<T> raw;
+  raw.load(p, c, t, with_dout);
+  return raw.convert(p);
+}
 
 // Sum over all rows of the state (all threads of a column): per-thread partials summed
 // across warps in a fixed order. `slot` must not be reused before the next step's sync.
@@ -321,17 +375,17 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kFwdMinB
   float s[R];
   load_state<T, KMAX>(p.h0 ? p.h0 + state_off : nullptr, s, p, c);
 
-  StepInputs next;
-  if (sq.len > 0) next.load<T>(p, c, time_index(p, sq, 0), false);
+  RawStepInputs<T> next;
+  if (sq.len > 0) next.load(p, c, time_index(p, sq, 0), false);
   for (int i = 0; i < sq.len; ++i) {
     const int64_t t = time_index(p, sq, i);
     if (p.checkpoints && i % CKPT == 0)
       store_state<KMAX>(p.checkpoints + (sq.ckpt_base + i / CKPT) * slot_stride + head_off, s, p, c);
-    const StepInputs cur = next;
+    const StepInputs cur = next.convert(p);
     float (*vec)[KMAX] = s_vec[i & 1];
     cur.stage<KMAX>(vec);
     __syncthreads();
-    if (i + 1 < sq.len) next.load<T>(p, c, time_index(p, sq, i + 1), false);  // in flight during this step
+    if (i + 1 < sq.len) next.load(p, c, time_index(p, sq, i + 1), false);  // in flight during this step
     if (p.l2norm_qk) normalize_qk<KMAX, W>(p, vec, s_red[3]);
 
     forward_step<KMAX>(p, s, vec, cur, s_red);
@@ -360,8 +414,8 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kFwdMinB
 // has nothing in flight: with 4 resident blocks per SM it took 0.054-0.070 ms (1.2-1.6x the
 // memory floor, H100), the families with more compute per step the slowest.
 // Here persistent blocks loop over tiles with a 3-stage pipeline: the initial state of the
-// tile two ahead is copied into shared memory (cp.async) and its inputs into one of two
-// register sets while the current tile computes, so each load has two tiles' time to land.
+// tile two ahead is copied into shared memory (cp.async) and the next tile's inputs into
+// registers while the current tile computes.
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -401,21 +455,21 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeM
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   auto state_buf = [&](uint32_t i) { return reinterpret_cast<float (*)[BV]>(s_states + (i % kDecodeStages) * KMAX * BV); };
   // Issue tile i's loads (this block's i-th tile): inputs into `in`, h0 into its stage.
-  auto issue = [&](uint32_t i, StepInputs& in) {
+  auto issue = [&](uint32_t i, RawStepInputs<T>& in) {
     const uint32_t tile = blockIdx.x + i * G;
     if (tile < tiles) {
       const BlockCoord c = block_coord(p, tile);
-      in.load<T>(p, c, c.n, false);  // T == 1: sequence n's token is row n
+      in.load(p, c, c.n, false);  // T == 1: sequence n's token is row n
       if (p.h0) prefetch_state<KMAX>(p, c, state_buf(i));
     }
     cp_async_commit();  // (empty past the end: the wait below counts groups)
   };
   // Tile i, whose loads were issued two tiles ago; then issue tile i + 2 into `in`.
-  auto step = [&](uint32_t i, StepInputs& in) {
+  auto step = [&](uint32_t i, RawStepInputs<T>& in) {
     const BlockCoord c = block_coord(p, blockIdx.x + i * G);
     cp_async_wait<1>();  // all but tile i + 1's group: tile i's state has landed
-    in.stage<KMAX>(s_vec);
-    const StepInputs cur = in;
+    const StepInputs cur = in.convert(p);
+    cur.stage<KMAX>(s_vec);
     issue(i + 2, in);  // into the stage tile i - 1 used (free since its last barrier)
     __syncthreads();   // staged vectors and every thread's copies visible
     float s[R];
@@ -436,7 +490,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeM
     __syncthreads();  // s_vec, s_red and this stage are rewritten by the next tiles
   };
 
-  StepInputs in0, in1;  // inputs of even / odd tiles
+  RawStepInputs<T> in0, in1;  // inputs of even / odd tiles
   issue(0, in0);
   issue(1, in1);
   for (uint32_t i = 0; blockIdx.x + i * G < tiles; i += 2) {
@@ -479,8 +533,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       float* park = scratch + static_cast<int64_t>(i - i0) * KMAX * BV;
 #pragma unroll
       for (int j = 0; j < R; ++j) park[(warp * R + j) * BV + lane] = s[j];
-      StepInputs in;
-      in.load<T>(p, c, time_index(p, sq, i), false);
+      const StepInputs in = load_step<T>(p, c, time_index(p, sq, i), false);
       float (*vec)[KMAX] = s_vec[parity];
       parity ^= 1;
       in.stage<KMAX>(vec);
@@ -495,8 +548,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       float sp[R];  // S_{t-1}, the state before this step
 #pragma unroll
       for (int j = 0; j < R; ++j) sp[j] = park[(warp * R + j) * BV + lane];
-      StepInputs in;
-      in.load<T>(p, c, t, true);
+      const StepInputs in = load_step<T>(p, c, t, true);
       float (*vec)[KMAX] = s_vec[parity];
       parity ^= 1;
       in.stage<KMAX>(vec);
