@@ -414,8 +414,9 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kFwdMinB
 // has nothing in flight: with 4 resident blocks per SM it took 0.054-0.070 ms (1.2-1.6x the
 // memory floor, H100), the families with more compute per step the slowest.
 // Here persistent blocks loop over tiles with a 3-stage pipeline: the initial state of the
-// tile two ahead is copied into shared memory (cp.async) and the next tile's inputs into
-// registers while the current tile computes.
+// tile two ahead is copied into shared memory (cp.async) and its inputs, unconverted, into
+// one of two register sets while the current tile computes, so each load has two tiles'
+// time to land. (One set, loaded a tile ahead, measured slower: 42.4 against 39.8 us.)
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
