@@ -44,6 +44,8 @@ struct Layout {
   // The decode kernel holds two tiles' inputs: 3/4 of the blocks, <= 80 registers (at 64 it
   // spilled 76 bytes; at 80, 16-52). Two tiles in flight per block keep 96 KB per SM in flight.
   static constexpr int kDecodeMinBlocks = kFwdMinBlocks * 3 / 4;
+  // The backward at K = 128: two blocks per SM (<= 128 registers).
+  static constexpr int kBwdMinBlocks = KMAX == 128 ? 2 : 1;
   static constexpr int kRows = KMAX / kWarps;  // state rows per thread: warp * kRows + i
   static_assert(kRows == 16 || kRows == 32, "reduce-scatter handles 16 or 32 rows per thread");
   static_assert(KMAX <= kThreads, "one staged K-vector element per thread");
@@ -187,13 +189,6 @@ struct RawStepInputs {
     return in;
   }
 };
-
-template <typename T>
-__device__ __forceinline__ StepInputs load_step(const RecurrentParams& p, const BlockCoord& c, int64_t t, bool with_dout) {
-  RawStepInputs<T> raw;
-  raw.load(p, c, t, with_dout);
-  return raw.convert(p);
-}
 
 // Sum over all rows of the state (all threads of a column): per-thread partials summed
 // across warps in a fixed order. `slot` must not be reused before the next step's sync.
@@ -503,7 +498,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeM
 
 // ---------------------------------------------------------------------------------------
 template <typename T, int KMAX>
-__global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(const RecurrentParams p) {
+__global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kBwdMinBlocks) recurrent_bwd_kernel(const RecurrentParams p) {
   using L = Layout<KMAX>;
   constexpr int R = L::kRows, W = L::kWarps;
   __shared__ __align__(16) float s_vec[2][kNumVec][KMAX];
@@ -524,6 +519,11 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
 
   int parity = 0;
   const int nseg = (sq.len + CKPT - 1) / CKPT;
+  // Every step's inputs are loaded (as loaded, see RawStepInputs) one step ahead, across the
+  // replays and backward walks: the replay's first step, ..., its last, the backward walk's
+  // first (with dO), ..., its last, the previous segment's replay's first.
+  RawStepInputs<T> next;
+  if (nseg > 0) next.load(p, c, time_index(p, sq, (nseg - 1) * CKPT), false);
   for (int seg = nseg - 1; seg >= 0; --seg) {
     const int i0 = seg * CKPT, i1 = min(sq.len, i0 + CKPT);
     float s[R];
@@ -534,7 +534,8 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       float* park = scratch + static_cast<int64_t>(i - i0) * KMAX * BV;
 #pragma unroll
       for (int j = 0; j < R; ++j) park[(warp * R + j) * BV + lane] = s[j];
-      const StepInputs in = load_step<T>(p, c, time_index(p, sq, i), false);
+      const StepInputs in = next.convert(p);
+      next.load(p, c, time_index(p, sq, i + 1 < i1 ? i + 1 : i1 - 1), i + 1 >= i1);
       float (*vec)[KMAX] = s_vec[parity];
       parity ^= 1;
       in.stage<KMAX>(vec);
@@ -549,7 +550,11 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads) recurrent_bwd_kernel(c
       float sp[R];  // S_{t-1}, the state before this step
 #pragma unroll
       for (int j = 0; j < R; ++j) sp[j] = park[(warp * R + j) * BV + lane];
-      const StepInputs in = load_step<T>(p, c, t, true);
+      const StepInputs in = next.convert(p);
+      if (i > i0)
+        next.load(p, c, time_index(p, sq, i - 1), true);
+      else if (seg > 0)
+        next.load(p, c, time_index(p, sq, (seg - 1) * CKPT), false);
       float (*vec)[KMAX] = s_vec[parity];
       parity ^= 1;
       in.stage<KMAX>(vec);
