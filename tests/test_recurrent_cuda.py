@@ -304,3 +304,14 @@ def test_beta_in_input_dtype(beta_v):
     res = run_both(fam, x, h0=torch.randn(2, 2, 64, 64, device="cuda"))
     assert res["dbeta"][1].dtype == torch.bfloat16
     check(res, torch.bfloat16)
+
+
+@pytest.mark.parametrize("beta_v", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_beta_in_input_dtype(beta_v, dtype):
+    """The decode kernel holds a beta in q's dtype (per head or per value column) as loaded, two
+    tiles ahead, and widens it when its tile runs."""
+    fam = "delta_rule_beta_v" if beta_v else "gated_delta_rule"
+    x = make_inputs(fam, 200, 1, 2, 128, 128, dtype, seed=11)
+    x["beta"] = x["beta"].to(dtype)
+    check(run_both(fam, x, h0=torch.randn(200, 2, 128, 128, device="cuda"), grad=False, scale=0.3), dtype)
