@@ -104,9 +104,9 @@ template <> struct RawElem<float> { using type = float; };
 template <typename T> __device__ __forceinline__ float widen(typename RawElem<T>::type x);
 template <> __device__ __forceinline__ float widen<float>(float x) { return x; }
 template <> __device__ __forceinline__ float widen<__nv_bfloat16>(unsigned short x) {
-  return __uint_as_float(static_cast<uint32_t>(x) << 16);
+  return __uint_as_float(static_cast<uint32_t>(x) << 16);  // to_float's value; its SASS (not measured) differs
 }
-template <> __device__ __forceinline__ float widen<__half>(unsigned short x) { return __half2float(__ushort_as_half(x)); }
+template <> __device__ __forceinline__ float widen<__half>(unsigned short x) { return to_float(__ushort_as_half(x)); }
 
 // Everything one step reads: element threadIdx.x of the K-vectors (staged to shared
 // memory for all threads) and the per-column scalars of this thread's column.
@@ -157,12 +157,10 @@ struct RawStepInputs {
     if (p.delta) {
       const int64_t bi = p.beta_per_v ? tv : t * p.HV + c.hv;
       if (!p.beta_per_v || c.col_ok) {
-        if (p.beta_fp32)
+        if (sizeof(E) == 4 || p.beta_fp32)
           beta_bits = __float_as_uint(static_cast<const float*>(p.beta)[bi]);
-        else if constexpr (sizeof(E) == 4)
-          beta_bits = __float_as_uint(static_cast<const E*>(p.beta)[bi]);
         else
-          beta_bits = static_cast<const E*>(p.beta)[bi];
+          beta_bits = static_cast<const unsigned short*>(p.beta)[bi];
       }
     }
   }
