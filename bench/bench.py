@@ -6,12 +6,17 @@ Usage (from the repository root; FLA importable, e.g. PYTHONPATH=.:.fla_site):
     python bench/bench.py --quick --out out/bench              # the gpu_check default (< 4 min)
     python bench/bench.py --ops chunk_gla,chunk_delta_rule --modes fwd,fwdbwd
     python bench/bench.py --shapes 1x32768x16x128,8x2048x32x64 --modes fwd --fla-ops none
+    python bench/bench.py --ops fused_recurrent_gla --modes fwd,fwdbwd --recurrent-shapes 4x1024x16x128
     python bench/bench.py --update-results                     # also bench/results/<gpu>.json + RESULTS.md
     python bench/bench.py --dry-run --out /tmp/b               # CPU smoke run: tiny shapes, no triton
 
 Modes
-    fwd      chunk ops, forward only, no states (the training forward).
-    fwdbwd   chunk ops, forward + backward of sum(o * do) w.r.t. every differentiable input.
+    fwd      forward only, no states (the training forward): the chunk ops at ``--shapes``
+             (4x4096x16x128 by default), the fused_recurrent ops at ``--recurrent-shapes``
+             (8x256x16x128: they run step by step, so a short training-like T).
+    fwdbwd   forward + backward of sum(o * do) w.r.t. every differentiable input, same shapes.
+             FLA 0.6's fused_recurrent_gated_delta_rule and fused_recurrent_dplr_delta_rule are
+             inference-only (their backward raises): their FLA column stays null, with a note.
     decode   fused_recurrent ops, one step (T=1) with an fp32 state read and the final state
              written (B=64, H=16, K=V=128 by default, ``--decode-shapes``).
 
@@ -35,7 +40,8 @@ Floors (``floor_ms`` = max of the two; ``x_floor`` = ms / floor_ms)
     compute  tensor-core FLOPs of the chunkwise algorithm at chunk size C (64), per token and
              head (see ``flops_per_token``), over 785 TFLOP/s (H100 dense bf16 matmul);
              backward = 2x forward (each matmul Y = A B needs dA and dB).
-             recurrent (decode) steps count their state matvecs / outer products the same way.
+             fused_recurrent ops (decode, and their fwd / fwdbwd rows, which run step by step)
+             count their per-step state matvecs / outer products instead (4KV / 6KV / 8KV).
 
 First call: wall time of the very first call (forward, or forward + backward) at each op,
 mode and shape, synchronised. For FLA that call is the warm-up call, which includes Triton's
@@ -108,7 +114,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class OpSpec:
     name: str
-    kind: str                 # "chunk" (fwd, fwdbwd) | "recurrent" (decode)
+    kind: str                 # "chunk" (fwd, fwdbwd) | "recurrent" (decode, fwd, fwdbwd)
     family: str               # FLOP model: linear | delta | dplr
     positional: tuple         # names passed positionally: q, k, v
     extra: tuple = ()         # ((FLA keyword, init, dtype_kind, shape_kind), ...) passed by keyword
@@ -116,7 +122,7 @@ class OpSpec:
 
     @property
     def modes(self) -> tuple:
-        return ("fwd", "fwdbwd") if self.kind == "chunk" else ("decode",)
+        return ("fwd", "fwdbwd") if self.kind == "chunk" else ("decode", "fwd", "fwdbwd")
 
 
 # extra tensor shape kinds: "h" -> [B,T,H], "hk" -> [B,T,H,K]; dtype kinds: "f32" or "in"
@@ -154,7 +160,11 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
 DEFAULT_OPS = list(OPS)[:11]
 # k is l2-normalised for the delta-rule family (as models feed it)
 _L2_KEYS = {"delta", "dplr"}
-# FLA ops benchmarked under --quick (their first call costs 30-110 s of Triton autotuning each)
+# FLA ops benchmarked under --quick, in each of their modes. A chunk op's first FLA call costs
+# 30-110 s of Triton autotuning, a fused_recurrent op's decode 0.5-2 s (DPLR 15-20 s: 36 configs).
+# Their fwd / fwdbwd rows compile the stateless variants and the backward kernels (none for gated
+# delta and DPLR): expected about as much again; they run after the chunk ops' rows of the same
+# mode, so what the 150 s budget cuts first is theirs.
 QUICK_FLA_OPS = ["chunk_simple_gla", "chunk_gated_delta_rule", "fused_recurrent_simple_gla",
                  "fused_recurrent_gla", "fused_recurrent_delta_rule", "fused_recurrent_gated_delta_rule",
                  "fused_recurrent_dplr_delta_rule"]
@@ -162,6 +172,9 @@ QUICK_FLA_OPS = ["chunk_simple_gla", "chunk_gated_delta_rule", "fused_recurrent_
 FLA_NEVER_BY_DEFAULT = {"chunk_dplr_delta_rule", "chunk_iplr_delta_rule"}
 # FLA 0.6.0 raises in the backward of these (gated chunk_bwd_dqkwg) on Hopper with 3.4 <= triton < 3.7.1
 FLA_GATED_BWD_REFUSED = {"chunk_simple_gla", "chunk_gated_delta_rule"}
+# FLA 0.6.0's backward of these raises NotImplementedError on every device (inference-only
+# kernels): skipped with a note saying so (--fla-try-refused runs it; the raise becomes the note)
+FLA_NO_BWD = {"fused_recurrent_gated_delta_rule", "fused_recurrent_dplr_delta_rule"}
 
 
 def input_specs(op: OpSpec, mode: str, B: int, T: int, H: int, K: int, V: int,
@@ -237,8 +250,10 @@ def flops_per_token(family: str, K: int, V: int, C: int = CHUNK, recurrent: bool
 
 
 def op_flops(op: OpSpec, mode: str, B: int, T: int, H: int, K: int, V: int, C: int = CHUNK) -> float:
+    """Floor FLOPs of one call: fused_recurrent ops by the per-step model in every mode (they
+    walk the sequence one token at a time), chunk ops by the chunkwise one."""
     tokens = B * (1 if mode == "decode" else T) * H
-    f = tokens * flops_per_token(op.family, K, V, C, recurrent=(mode == "decode"))
+    f = tokens * flops_per_token(op.family, K, V, C, recurrent=(op.kind == "recurrent"))
     return 3 * f if mode == "fwdbwd" else f
 
 
@@ -303,9 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", default="default",
                    help="comma list of ops, 'default' (the 11 main ops) or 'all'")
     p.add_argument("--modes", default="decode,fwd,fwdbwd",
-                   help="comma list of fwd,fwdbwd,decode, run in this order (decode first: cheap FLA autotuning)")
-    p.add_argument("--shapes", default="4x4096x16x128", help="BxTxHxD[,...] for fwd/fwdbwd")
-    p.add_argument("--decode-shapes", default="64x16x128", help="BxHxD[,...] for decode")
+                   help="comma list of fwd,fwdbwd,decode, run in this order (decode first: cheap FLA "
+                        "autotuning); within fwd and fwdbwd the chunk ops run before the fused_recurrent ops")
+    p.add_argument("--shapes", default="4x4096x16x128", help="BxTxHxD[xV][,...] for the chunk ops' fwd/fwdbwd")
+    p.add_argument("--recurrent-shapes", default="8x256x16x128",
+                   help="BxTxHxD[xV][,...] for the fused_recurrent ops' fwd/fwdbwd (step by step: a short T)")
+    p.add_argument("--decode-shapes", default="64x16x128", help="BxHxD[xV][,...] for decode")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--out", default="out/bench", help="directory for results.json, results.md, plots")
     p.add_argument("--update-results", action="store_true",
@@ -321,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fla-budget-s", type=float, default=None,
                    help="stop starting new FLA first calls once FLA calls took this long (quick: 150)")
     p.add_argument("--fla-try-refused", action="store_true",
-                   help="run FLA backward of gated chunk ops even where FLA 0.6 refuses it (Hopper, triton<3.7.1)")
+                   help="run FLA backwards that the run skips: gated chunk ops where FLA 0.6 refuses them "
+                        "(Hopper, triton<3.7.1), and the inference-only fused_recurrent_gated_delta_rule / "
+                        "dplr_delta_rule (FLA 0.6 raises NotImplementedError: a note in the row)")
     p.add_argument("--skip-fla-first-call", action="store_true",
                    help="keep the existing Triton cache (no cold compile) and report fla_first_call_s null")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
@@ -353,11 +373,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             a.device = "cpu"
             if a.shapes == p.get_default("shapes"):
                 a.shapes = "1x70x2x16"
+            if a.recurrent_shapes == p.get_default("recurrent_shapes"):
+                a.recurrent_shapes = "2x9x2x16"    # the PyTorch path loops over T in Python
             if a.decode_shapes == p.get_default("decode_shapes"):
                 a.decode_shapes = "3x2x16"
             a.no_fla = True
             a.warmup, a.rep = 0, 0     # CPU: one timed call after the first call
         a.shapes = parse_shapes(a.shapes)
+        a.recurrent_shapes = parse_shapes(a.recurrent_shapes)
         a.decode_shapes = parse_shapes(a.decode_shapes, decode=True)
         if a.no_fla or a.fla_ops == "none":
             a.fla_ops = []
@@ -743,6 +766,20 @@ def row_key(r: dict) -> tuple:
     return (r["op"], r["mode"], r["B"], r["T"], r["H"], r["K"], r["V"], r["dtype"])
 
 
+def is_recurrent(r: dict) -> bool:
+    op = OPS.get(r["op"])
+    return op is not None and op.kind == "recurrent"
+
+
+def table_group(r: dict) -> str:
+    """The RESULTS.md table of a row: the fused_recurrent ops' fwd / fwdbwd rows get tables of
+    their own (other shapes and FLOP model than the chunk ops'; decode is theirs alone)."""
+    return f"fused_recurrent {r['mode']}" if r["mode"] != "decode" and is_recurrent(r) else r["mode"]
+
+
+TABLE_GROUPS = ("fwd", "fwdbwd", "fused_recurrent fwd", "fused_recurrent fwdbwd", "decode")
+
+
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """Rows of ``old`` replaced by rows of ``new`` with the same (op, mode, shape, dtype), new ones added."""
     merged = {row_key(r): r for r in old}
@@ -750,7 +787,8 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
         merged[row_key(r)] = r
     order = {name: i for i, name in enumerate(OPS)}
     return sorted(merged.values(), key=lambda r: (MODES.index(r["mode"]) if r["mode"] in MODES else 9,
-                                                   order.get(r["op"], 99), r["T"], r["B"], r["H"], r["K"]))
+                                                   is_recurrent(r), order.get(r["op"], 99),
+                                                   r["T"], r["B"], r["H"], r["K"]))
 
 
 FLOOR_DOC = """\
@@ -763,12 +801,14 @@ the H100) with a 512 MiB copy. `copy ms` (decode rows): an elementwise kernel th
 writes the floor's bytes (torch.neg in fp32), timed like the op, launch and ramp-up included:
 what a plain memory-bound kernel achieves at the row's size. Compute floor: tensor-core FLOPs of the chunkwise algorithm, chunk C = 64,
 per token and head: linear attention / simple GLA / GLA 4KV + 2C(K+V); (gated) delta rule
-6KV + 6CK + 4CV + C^2/3; IPLR / DPLR 8KV + 10CK + 8CV + C^2/3; backward = 2x forward; decode steps
+6KV + 6CK + 4CV + C^2/3; IPLR / DPLR 8KV + 10CK + 8CV + C^2/3; backward = 2x forward; the
+fused_recurrent ops (decode and their fwd / fwdbwd tables; they run step by step) per step
 4KV / 6KV / 8KV; FLOPs / 785 TFLOP/s (dense bf16 matmul). `vs FLA`, `vs SDPA` = their ms / our ms
 (> 1: ours faster). `1st call s`: wall time of the first call (FLA's includes Triton compile +
 autotune). `peak MB`: torch.cuda.max_memory_allocated during one call, above what was allocated
 before it. Inputs: randn q, k, v (k l2-normalised for delta rules), gates logsigmoid(randn) in fp32
-(GLA / DPLR gk divided by 16), beta sigmoid(randn); decode: T = 1, fp32 state in and out."""
+(GLA / DPLR gk divided by 16), beta sigmoid(randn); no states in fwd / fwdbwd; decode: T = 1, fp32
+state in and out."""
 
 
 def write_results_md(path: str, rows: list[dict], meta: dict, png: str | None = None) -> None:
@@ -784,10 +824,10 @@ def write_results_md(path: str, rows: list[dict], meta: dict, png: str | None = 
              "", "Rows come from the latest run of each (op, mode, shape); each keeps its own date "
              "and commit in the JSON.", "",
              FLOOR_DOC, ""]
-    for mode in MODES:
-        sub = [r for r in rows if r["mode"] == mode]
+    for group in TABLE_GROUPS:
+        sub = [r for r in rows if table_group(r) == group]
         if sub:
-            lines += [f"## {mode}", "", markdown_table(sub)]
+            lines += [f"## {group}", "", markdown_table(sub)]
     if png:
         lines += [f"![time vs T]({png})", ""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -797,6 +837,7 @@ def write_results_md(path: str, rows: list[dict], meta: dict, png: str | None = 
 
 def plot_time_vs_T(rows: list[dict], path: str) -> str | None:
     """PNG of ms vs T for chunk ops (ours solid, FLA dashed, SDPA black); None without matplotlib."""
+    rows = [r for r in rows if not is_recurrent(r)]   # other shapes (and SDPA points) than the chunk rows
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -939,8 +980,11 @@ class Runner:
             return "FLA not run (--quick / --fla-ops)" if self.a.fla_ops else None
         if self.device.type != "cuda":
             return "FLA needs CUDA"
-        if mode == "fwdbwd" and not self.a.fla_try_refused and fla_refuses_bwd(op.name, self.device):
-            return "FLA 0.6 refuses this backward on Hopper with triton<3.7.1 (#640)"
+        if mode == "fwdbwd" and not self.a.fla_try_refused:
+            if op.name in FLA_NO_BWD:
+                return "FLA 0.6 has no backward for this op (inference only: NotImplementedError)"
+            if fla_refuses_bwd(op.name, self.device):
+                return "FLA 0.6 refuses this backward on Hopper with triton<3.7.1 (#640)"
         if self.fla_spent > self.a.fla_budget_s:
             return f"FLA skipped: FLA calls took {self.fla_spent:.0f}s > --fla-budget-s {self.a.fla_budget_s:g}"
         return ""
@@ -1036,13 +1080,18 @@ class Runner:
         torch.cuda.synchronize()
 
     def plan(self) -> list[tuple]:
+        """(op, mode, shape) in --modes order; within fwd and fwdbwd the chunk ops (at --shapes)
+        before the fused_recurrent ops (at --recurrent-shapes): the FLA budget goes to the chunk
+        ops' baselines first."""
         jobs = []
         for mode in self.a.modes:
-            shapes = self.a.decode_shapes if mode == "decode" else self.a.shapes
-            for shape in shapes:
-                for name in self.a.ops:
-                    if mode in OPS[name].modes:
-                        jobs.append((OPS[name], mode, shape))
+            for kind in ("chunk", "recurrent"):
+                if mode == "decode":
+                    shapes = self.a.decode_shapes
+                else:
+                    shapes = self.a.recurrent_shapes if kind == "recurrent" else self.a.shapes
+                ops = [OPS[n] for n in self.a.ops if OPS[n].kind == kind and mode in OPS[n].modes]
+                jobs += [(op, mode, shape) for shape in shapes for op in ops]
         return jobs
 
     def run(self, on_row: Callable[[dict], None] | None = None) -> list[dict]:

@@ -72,6 +72,28 @@ def test_decode_traffic_matches_build_notes():
     assert bench.traffic_bytes(op, "decode", B, 999, H, D, D, BF16) == nbytes
 
 
+def test_recurrent_fwd_floors_have_no_state_and_per_step_flops():
+    """The fused_recurrent ops' fwd / fwdbwd rows: the same inputs and outputs as the chunk op of
+    the same family (no state in or out), FLOPs by the per-step model."""
+    B, T, H, D = 8, 256, 16, 128
+    rec, chunk = bench.OPS["fused_recurrent_simple_gla"], bench.OPS["chunk_simple_gla"]
+    assert rec.modes == ("decode", "fwd", "fwdbwd") and chunk.modes == ("fwd", "fwdbwd")
+    specs = bench.input_specs(rec, "fwd", B, T, H, D, D, BF16)
+    assert [s.name for s in specs] == ["q", "k", "v", "g"] and specs[0].shape == (B, T, H, D)
+    for mode in ("fwd", "fwdbwd"):
+        assert bench.traffic_bytes(rec, mode, B, T, H, D, D, BF16) == bench.traffic_bytes(chunk, mode, B, T, H, D, D, BF16)
+    X = B * T * H * D * 2
+    assert bench.traffic_bytes(rec, "fwd", B, T, H, D, D, BF16) == 4 * X + B * T * H * 4
+    fwd = bench.op_flops(rec, "fwd", B, T, H, D, D)
+    assert fwd == B * T * H * 4 * D * D
+    assert bench.op_flops(rec, "fwdbwd", B, T, H, D, D) == 3 * fwd
+    dplr = bench.OPS["fused_recurrent_dplr_delta_rule"]
+    assert bench.op_flops(dplr, "fwd", B, T, H, D, D) == B * T * H * 8 * D * D
+    assert bench.op_flops(dplr, "fwd", B, T, H, D, D, C=128) == bench.op_flops(dplr, "fwd", B, T, H, D, D)
+    f = bench.op_floor(rec, "fwdbwd", B, T, H, D, D, BF16)
+    assert f["floor_ms"] == f["mem_floor_ms"] == pytest.approx(f["bytes"] / 3.02e12 * 1e3)
+
+
 def test_flops_per_token():
     K = V = 128
     C = 64
@@ -148,6 +170,10 @@ def test_make_call_passes_state_for_decode():
     bench.make_call(fake, op, "decode", inputs, None)()
     # extras by keyword: FLA's fused_recurrent_gated_delta_rule has gk, gv between g and beta
     assert seen == {"qkv": (1, 2, 3), "g": 4, "beta": 6, "initial_state": 5, "output_final_state": True}
+    # fwd: the training call, no state in or out
+    seen.clear()
+    bench.make_call(fake, op, "fwd", {"q": 1, "k": 2, "v": 3, "g": 4, "beta": 6}, None)()
+    assert seen == {"qkv": (1, 2, 3), "g": 4, "beta": 6}
 
 
 def _fla_params(name):
@@ -213,6 +239,9 @@ def test_parse_args_defaults_and_quick():
     assert a.ops == bench.DEFAULT_OPS and len(a.ops) == 11
     assert a.modes == ["decode", "fwd", "fwdbwd"]
     assert a.shapes == [(4, 4096, 16, 128, 128)] and a.decode_shapes == [(64, 1, 16, 128, 128)]
+    assert a.recurrent_shapes == [(8, 256, 16, 128, 128)]
+    r = bench.parse_args(["--device", "cpu", "--recurrent-shapes", "2x512x4x64x32,1x128x8x128"])
+    assert r.recurrent_shapes == [(2, 512, 4, 64, 32), (1, 128, 8, 128, 128)] and r.shapes == a.shapes
     assert "chunk_dplr_delta_rule" not in a.fla_ops and "chunk_gla" in a.fla_ops
     assert math.isinf(a.fla_budget_s) and (a.warmup, a.rep) == (25, 100)
     q = bench.parse_args(["--device", "cpu", "--quick"])
@@ -223,9 +252,13 @@ def test_parse_args_defaults_and_quick():
     assert bench.parse_args(["--device", "cpu", "--ops", "all"]).ops == list(bench.OPS)
     d = bench.parse_args(["--dry-run"])
     assert d.device == "cpu" and d.fla_ops == [] and d.shapes[0][1] < 128
+    assert d.recurrent_shapes[0][1] < 16 and d.recurrent_shapes[0][3] < 128
+    # a shape given with --dry-run is kept
+    assert bench.parse_args(["--dry-run", "--recurrent-shapes", "1x3x1x8"]).recurrent_shapes == [(1, 3, 1, 8, 8)]
 
 
 @pytest.mark.parametrize("argv", [["--ops", "chunk_nope"], ["--modes", "bwd"], ["--shapes", "4x4096"],
+                                  ["--recurrent-shapes", "8x16x128"],
                                   ["--fla-ops", "x"], ["--dtype", "fp8"], ["--chunk-size", "0"]])
 def test_parse_args_rejects(argv, capsys):
     with pytest.raises(SystemExit):
@@ -241,6 +274,35 @@ def test_results_name():
 def test_fla_refusal_only_on_cuda():
     assert not bench.fla_refuses_bwd("chunk_simple_gla", "cpu")
     assert not bench.fla_refuses_bwd("chunk_gla", "cpu")
+
+
+def test_plan_order_and_shapes():
+    a = bench.parse_args(["--dry-run", "--ops", "fused_recurrent_gla,chunk_gla", "--shapes", "1x64x2x16",
+                          "--recurrent-shapes", "2x8x2x16,1x16x2x16", "--decode-shapes", "3x2x16"])
+    jobs = [(op.name, mode, shape) for op, mode, shape in bench.Runner(a).plan()]
+    rec = [(2, 8, 2, 16, 16), (1, 16, 2, 16, 16)]
+    assert jobs == [("fused_recurrent_gla", "decode", (3, 1, 2, 16, 16)),
+                    ("chunk_gla", "fwd", (1, 64, 2, 16, 16))] + [("fused_recurrent_gla", "fwd", s) for s in rec] + [
+                    ("chunk_gla", "fwdbwd", (1, 64, 2, 16, 16))] + [("fused_recurrent_gla", "fwdbwd", s) for s in rec]
+    a = bench.parse_args(["--dry-run", "--ops", "fused_recurrent_gla", "--modes", "fwd"])
+    assert [(m, s) for _, m, s in bench.Runner(a).plan()] == [("fwd", a.recurrent_shapes[0])]
+
+
+def test_fla_plan_skips_inference_only_backwards():
+    """FLA 0.6's fused_recurrent gated delta / DPLR backward raises NotImplementedError: their
+    fwdbwd row says so instead of running it; their fwd runs; --fla-try-refused runs it anyway."""
+    a = bench.parse_args(["--dry-run", "--fla-ops", "all"])
+    a.fla_ops = list(bench.OPS)             # --dry-run drops FLA; the plan is what is checked here
+    runner = bench.Runner(a)
+    runner.device = torch.device("cuda")    # a device object only (no CUDA call for these ops)
+    for name in ("fused_recurrent_gated_delta_rule", "fused_recurrent_dplr_delta_rule"):
+        assert "no backward" in runner.fla_plan(bench.OPS[name], "fwdbwd")
+        assert runner.fla_plan(bench.OPS[name], "fwd") == ""
+    for name in ("fused_recurrent_simple_gla", "fused_recurrent_gla", "fused_recurrent_delta_rule",
+                 "fused_recurrent_iplr_delta_rule"):
+        assert runner.fla_plan(bench.OPS[name], "fwdbwd") == ""
+    a.fla_try_refused = True
+    assert runner.fla_plan(bench.OPS["fused_recurrent_dplr_delta_rule"], "fwdbwd") == ""
 
 
 # ---------------------------------------------------------------------------------- writers
@@ -278,6 +340,16 @@ def test_merge_rows():
     assert by[("chunk_gla", "fwd", 4096)] == 1.0 and by[("chunk_gla", "fwd", 8192)] == 2.0
     assert by[("chunk_delta_rule", "fwd", 4096)] == 7.0
     assert m[-1]["mode"] == "decode"
+    # a recurrent op's fwd rows at two T and its decode row are three rows; a rerun replaces one;
+    # within a mode the chunk ops' rows come first (chunk_retention is listed after the recurrent ops)
+    rec = [_row(op="fused_recurrent_gla", B=8, T=256, ms=3.0), _row(op="fused_recurrent_gla", B=8, T=512, ms=6.0)]
+    m2 = bench.merge_rows(m, rec + [_row(op="chunk_retention", ms=0.5)])
+    m2 = bench.merge_rows(m2, [_row(op="fused_recurrent_gla", B=8, T=256, ms=2.5)])
+    by = {(r["op"], r["mode"], r["T"]): r["ms"] for r in m2}
+    assert len(m2) == 7 and by[("fused_recurrent_gla", "fwd", 256)] == 2.5
+    assert by[("fused_recurrent_gla", "fwd", 512)] == 6.0 and by[("fused_recurrent_gla", "decode", 1)] is not None
+    assert [r["op"] for r in m2 if r["mode"] == "fwd"] == ["chunk_gla", "chunk_gla", "chunk_delta_rule", "chunk_retention",
+                                                           "fused_recurrent_gla", "fused_recurrent_gla"]
 
 
 def test_write_json_and_results_md(tmp_path):
@@ -297,6 +369,25 @@ def test_write_json_and_results_md(tmp_path):
               "## decode", "chunk_gla", "fused_recurrent_gla", "h100_time_vs_T.png", "3.02 TB/s"):
         assert s in text, s
     assert "## fwdbwd" not in text
+    assert "## fused_recurrent" not in text
+    # the recurrent ops' fwd / fwdbwd rows: tables of their own, after the chunk ones, before decode
+    rows += [_row(op="fused_recurrent_gla", B=8, T=256), _row(op="fused_recurrent_gla", mode="fwdbwd", B=8, T=256),
+             _row(op="chunk_gla", mode="fwdbwd")]
+    bench.write_results_md(str(md), rows, meta)
+    text = md.read_text()
+    heads = [line for line in text.split("\n") if line.startswith("## ")]
+    assert heads == ["## fwd", "## fwdbwd", "## fused_recurrent fwd", "## fused_recurrent fwdbwd", "## decode"]
+    sections = text.split("\n## ")
+    assert "fused_recurrent" not in sections[1] and "fused_recurrent" not in sections[2]
+    assert "| fused_recurrent_gla | fwd | 8,256,16,128,128 |" in sections[3]
+    assert "| fused_recurrent_gla | fwdbwd | 8,256,16,128,128 |" in sections[4]
+
+
+def test_plot_keeps_recurrent_rows_out(tmp_path):
+    pytest.importorskip("matplotlib")
+    rec = [_row(op="fused_recurrent_gla", B=8, T=256)]
+    assert bench.plot_time_vs_T(rec, str(tmp_path / "rec.png")) is None
+    assert bench.plot_time_vs_T(rec + [_row()], str(tmp_path / "both.png")) == str(tmp_path / "both.png")
 
 
 # ---------------------------------------------------------------------------------- smoke run
@@ -331,7 +422,9 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     rows = json.loads((out / "results.json").read_text())
     assert [(r["op"], r["mode"]) for r in rows] == [
         ("fused_recurrent_dplr_delta_rule", "decode"), ("chunk_simple_gla", "fwd"), ("chunk_linear_attn", "fwd"), ("chunk_delta_rule", "fwd"),
-        ("chunk_simple_gla", "fwdbwd"), ("chunk_linear_attn", "fwdbwd"), ("chunk_delta_rule", "fwdbwd")]
+        ("fused_recurrent_dplr_delta_rule", "fwd"),
+        ("chunk_simple_gla", "fwdbwd"), ("chunk_linear_attn", "fwdbwd"), ("chunk_delta_rule", "fwdbwd"),
+        ("fused_recurrent_dplr_delta_rule", "fwdbwd")]
     for r in rows:
         assert set(bench.ROW_KEYS) <= set(r), r
         assert r["fla_ms"] is None and r["fla_first_call_s"] is None and r["floor_ms"] > 0
@@ -345,12 +438,61 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert "kernel exploded" in by[("chunk_delta_rule", "fwd")]["note"]
     dec = by[("fused_recurrent_dplr_delta_rule", "decode")]
     assert dec["T"] == 1 and dec["sdpa_ms"] is None and dec["ms"] > 0
-    # decode called with a state and output_final_state; fwdbwd with grad-requiring inputs
+    # the recurrent op's fwd / fwdbwd rows: the dry-run's --recurrent-shapes, per-step floors
+    (B, T, H, K, V), = bench.parse_args(["--dry-run"]).recurrent_shapes
+    op = bench.OPS["fused_recurrent_dplr_delta_rule"]
+    for mode in ("fwd", "fwdbwd"):
+        r = by[("fused_recurrent_dplr_delta_rule", mode)]
+        assert (r["B"], r["T"], r["H"], r["K"], r["V"]) == (B, T, H, K, V) and r["note"] is None
+        assert r["ms"] > 0 and r["sdpa_ms"] > 0 and r["backend"] == "torch"
+        fl = bench.op_floor(op, mode, B, T, H, K, V, BF16)
+        assert r["flops"] == bench.op_flops(op, mode, B, T, H, K, V) == (3 if mode == "fwdbwd" else 1) * B * T * H * 8 * K * V
+        assert r["bytes"] == fl["bytes"] and r["floor_ms"] == pytest.approx(fl["floor_ms"]) and r["floor_ms"] > 0
+    # decode called with a state and output_final_state; fwd / fwdbwd without (and fwdbwd with
+    # grad-requiring inputs)
     assert any(c[2] and c[3] and c[1] == 3 for c in calls)
     assert any(c[4] and c[1] == 1 for c in calls)
+    rec = [c for c in calls if c[1] == 3 and c[0][1] == T]
+    assert rec and not any(c[2] or c[3] for c in rec)
+    assert any(c[4] for c in rec) and any(not c[4] for c in rec)
     assert (out / "results.md").read_text().count("\n") == len(rows) + 2
     assert json.loads((out / "meta.json").read_text())["device"] == "cpu"
     assert "| chunk_simple_gla | fwd |" in capsys.readouterr().out
+
+
+def test_raising_fla_backward_is_a_note(tmp_path, monkeypatch):
+    """FLA's inference-only recurrent ops raise NotImplementedError in backward: where one runs
+    (--fla-try-refused) its row records fla_ms null and the error, and the run goes on."""
+    monkeypatch.setattr(bench, "resolve_ours", _fake_ops([]))
+    fake = _fake_ops([])("fused_recurrent_gla")[0]
+
+    class NoBwd(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, o):
+            return o.clone()
+
+        @staticmethod
+        def backward(ctx, do):
+            raise NotImplementedError("Backward pass is not implemented yet")
+
+    def fla_op(*args, **kw):
+        o, s = fake(*args, **kw)
+        return NoBwd.apply(o), s
+    monkeypatch.setattr(bench, "resolve_fla",
+                        lambda name: (fla_op if name == "fused_recurrent_gated_delta_rule" else fake, None))
+    # FLA needs CUDA (and --dry-run drops it): here the plan runs it everywhere
+    monkeypatch.setattr(bench.Runner, "fla_plan", lambda self, op, mode: "")
+    out = tmp_path / "out"
+    rc = bench.main(["--dry-run", "--out", str(out), "--no-plot", "--modes", "fwd,fwdbwd",
+                     "--ops", "fused_recurrent_gated_delta_rule,fused_recurrent_gla"])
+    assert rc == 0
+    rows = {(r["op"], r["mode"]): r for r in json.loads((out / "results.json").read_text())}
+    assert len(rows) == 4
+    bad = rows[("fused_recurrent_gated_delta_rule", "fwdbwd")]
+    assert bad["fla_ms"] is None and bad["ms"] > 0
+    assert "FLA failed: NotImplementedError: Backward pass is not implemented yet" in bad["note"]
+    for key in [("fused_recurrent_gated_delta_rule", "fwd"), ("fused_recurrent_gla", "fwd"), ("fused_recurrent_gla", "fwdbwd")]:
+        assert rows[key]["fla_ms"] > 0 and rows[key]["note"] is None, key
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU guard")
