@@ -531,21 +531,23 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kBwdMinB
   const int nseg = (sq.len + CKPT - 1) / CKPT;
   // Every step's inputs are loaded (as loaded, see RawStepInputs) one step ahead, across the
   // replays and backward walks: the replay's first step, ..., its last, the backward walk's
-  // first (with dO), ..., its last, the previous segment's replay's first.
+  // first, ..., its last, the previous segment's replay's first. dO comes with every step
+  // (the replay does not use it; one more element a thread, and no step is loaded twice).
   RawStepInputs<T> next;
-  if (nseg > 0) next.load(p, c, time_index(p, sq, (nseg - 1) * CKPT), false);
+  if (nseg > 0) next.load(p, c, time_index(p, sq, (nseg - 1) * CKPT), true);
   for (int seg = nseg - 1; seg >= 0; --seg) {
     const int i0 = seg * CKPT, i1 = min(sq.len, i0 + CKPT);
     float s[R];
     load_state<T, KMAX>(p.checkpoints + (sq.ckpt_base + seg) * slot_stride + head_off, s, p, c);
-    // Replay the segment, parking each pre-step state (each thread re-reads only its own
-    // elements, so no barrier is needed between the park and the later read).
-    for (int i = i0; i < i1; ++i) {
+    // Replay the segment up to its last step, parking each pre-step state (each thread
+    // re-reads only its own elements, so no barrier is needed between the park and the later
+    // read). The last step's pre-step state stays in s: the walk starts from it.
+    for (int i = i0; i + 1 < i1; ++i) {
       float* park = scratch + static_cast<int64_t>(i - i0) * KMAX * BV;
 #pragma unroll
       for (int j = 0; j < R; ++j) park[(warp * R + j) * BV + lane] = s[j];
       const StepInputs in = next.convert(p);
-      next.load(p, c, time_index(p, sq, i + 1 < i1 ? i + 1 : i1 - 1), i + 1 >= i1);
+      next.load(p, c, time_index(p, sq, i + 1), true);
       float (*vec)[KMAX] = s_vec[parity];
       parity ^= 1;
       in.stage<KMAX>(vec);
@@ -557,14 +559,14 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kBwdMinB
     for (int i = i1 - 1; i >= i0; --i) {
       const int64_t t = time_index(p, sq, i);
       const float* park = scratch + static_cast<int64_t>(i - i0) * KMAX * BV;
-      float sp[R];  // S_{t-1}, the state before this step
+      float sp[R];  // S_{t-1}, the state before this step: the last step's in the replay's registers
 #pragma unroll
-      for (int j = 0; j < R; ++j) sp[j] = park[(warp * R + j) * BV + lane];
+      for (int j = 0; j < R; ++j) sp[j] = i + 1 == i1 ? s[j] : park[(warp * R + j) * BV + lane];
       const StepInputs in = next.convert(p);
       if (i > i0)
         next.load(p, c, time_index(p, sq, i - 1), true);
       else if (seg > 0)
-        next.load(p, c, time_index(p, sq, (seg - 1) * CKPT), false);
+        next.load(p, c, time_index(p, sq, (seg - 1) * CKPT), true);
       float (*vec)[KMAX] = s_vec[parity];
       parity ^= 1;
       in.stage<KMAX>(vec);
