@@ -56,16 +56,18 @@ CASES = {
 GRAD_INPUTS = ("q", "k", "kn", "v", "g", "g_gamma", "gk", "gv", "beta", "a", "b", "h0")
 
 
-def _run(case, x, force_torch, monkeypatch, grad=True):
+def _run(case, x, force_torch, monkeypatch, grad=True, op=None):
+    """Outputs (and gradients) of the case's op: ours on the CUDA kernel or the PyTorch path, or
+    `op` (FLA's function of the same name) on the same inputs and cotangents."""
     name, call = CASES[case]
-    if force_torch:
+    if op is None and force_torch:
         monkeypatch.setenv("FLA_CUDA_BACKEND", "torch")
-    else:
+    elif op is None:
         monkeypatch.delenv("FLA_CUDA_BACKEND", raising=False)
         assert backend.use_cuda(name, x["q"], K, V), "the CUDA kernel must be what this test exercises"
     leaves = {n: t.detach().clone().requires_grad_(grad) for n, t in x.items() if n in GRAD_INPUTS}
     args = dict(leaves, st=dict(initial_state=leaves["h0"], output_final_state=True))
-    o, ht = call(getattr(fla_cuda, name), args)
+    o, ht = call(op if op is not None else getattr(fla_cuda, name), args)
     out = {"o": o, "ht": ht}
     if grad:
         # identical cotangents whatever the dtype: drawn in fp32 (randn in fp64 draws other
@@ -108,6 +110,30 @@ def test_no_worse_than_fla(case, monkeypatch):
     fo, fht = call(fla_fn, args)
     for n, theirs in (("o", fo), ("ht", fht)):
         e_ours, e_fla = err_ratio(ref[n], ours[n]), err_ratio(ref[n], theirs)
+        assert e_ours <= 1.5 * e_fla + 1e-6, f"{n}: ours {e_ours:.2e} vs FLA {e_fla:.2e}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_backward_no_worse_than_fla(case, monkeypatch):
+    """Every gradient FLA's backward gives (bf16 inputs, state in and out): our error vs fp64 is
+    at most FLA's (x1.5 + rounding floor). Skips where FLA 0.6 has no backward (gated delta
+    rule, DPLR: inference-only kernels that raise)."""
+    fla_ops = pytest.importorskip("fla.ops")
+    name, _ = CASES[case]
+    fla_fn = getattr(fla_ops, name, None)
+    if fla_fn is None:
+        pytest.skip(f"FLA has no {name}")
+    x = _inputs(torch.bfloat16)
+    try:
+        theirs = _run(case, x, False, monkeypatch, op=fla_fn)
+    except NotImplementedError as e:
+        pytest.skip(f"FLA 0.6 has no backward for {name}: {e}")
+    ours = _run(case, x, False, monkeypatch)
+    ref = _run(case, {n: t.double() for n, t in x.items()}, True, monkeypatch)
+    compared = [n for n in theirs if n.startswith("d") and n in ours]
+    assert compared, "FLA's backward gave no gradient to compare"
+    for n in compared:
+        e_ours, e_fla = err_ratio(ref[n], ours[n]), err_ratio(ref[n], theirs[n])
         assert e_ours <= 1.5 * e_fla + 1e-6, f"{n}: ours {e_ours:.2e} vs FLA {e_fla:.2e}"
 
 
