@@ -94,35 +94,39 @@ def test_cuda_matches_fp64_torch_path(case, dtype, monkeypatch):
         assert_close(n, r, ours[n], tol)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_no_worse_than_fla(case, monkeypatch):
-    """Forward output and final state: our error vs fp64 is at most FLA's (x1.5 + rounding floor)."""
+def _fla_op(name):
+    """FLA's function of that name, or a skip without FLA (or without the op in FLA)."""
     fla_ops = pytest.importorskip("fla.ops")
-    name, call = CASES[case]
-    fla_fn = getattr(fla_ops, name, None)
-    if fla_fn is None:
+    op = getattr(fla_ops, name, None)
+    if op is None:
         pytest.skip(f"FLA has no {name}")
-    x = _inputs(torch.bfloat16)
-    ours = _run(case, x, False, monkeypatch, grad=False)
-    ref = _run(case, {n: t.double() for n, t in x.items()}, True, monkeypatch, grad=False)
-    leaves = {n: t for n, t in x.items() if n in GRAD_INPUTS}
-    args = dict(leaves, st=dict(initial_state=leaves["h0"], output_final_state=True))
-    fo, fht = call(fla_fn, args)
-    for n, theirs in (("o", fo), ("ht", fht)):
-        e_ours, e_fla = err_ratio(ref[n], ours[n]), err_ratio(ref[n], theirs)
+    return op
+
+
+def _assert_no_worse(ref, ours, theirs, names):
+    """Our error vs fp64 at most FLA's (x1.5 + rounding floor), FLA's get_err_ratio."""
+    for n in names:
+        e_ours, e_fla = err_ratio(ref[n], ours[n]), err_ratio(ref[n], theirs[n])
         assert e_ours <= 1.5 * e_fla + 1e-6, f"{n}: ours {e_ours:.2e} vs FLA {e_fla:.2e}"
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_no_worse_than_fla(case, monkeypatch):
+    """Forward output and final state against FLA's forward on the same inputs."""
+    fla_fn = _fla_op(CASES[case][0])
+    x = _inputs(torch.bfloat16)
+    theirs = _run(case, x, False, monkeypatch, grad=False, op=fla_fn)
+    ours = _run(case, x, False, monkeypatch, grad=False)
+    ref = _run(case, {n: t.double() for n, t in x.items()}, True, monkeypatch, grad=False)
+    _assert_no_worse(ref, ours, theirs, ("o", "ht"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_backward_no_worse_than_fla(case, monkeypatch):
-    """Every gradient FLA's backward gives (bf16 inputs, state in and out): our error vs fp64 is
-    at most FLA's (x1.5 + rounding floor). Skips where FLA 0.6 has no backward (gated delta
-    rule, DPLR: inference-only kernels that raise)."""
-    fla_ops = pytest.importorskip("fla.ops")
-    name, _ = CASES[case]
-    fla_fn = getattr(fla_ops, name, None)
-    if fla_fn is None:
-        pytest.skip(f"FLA has no {name}")
+    """Every gradient FLA's backward gives (bf16 inputs, state in and out). Skips where FLA 0.6
+    has no backward (gated delta rule, DPLR: inference-only kernels that raise)."""
+    name = CASES[case][0]
+    fla_fn = _fla_op(name)
     x = _inputs(torch.bfloat16)
     try:
         theirs = _run(case, x, False, monkeypatch, op=fla_fn)
@@ -132,9 +136,7 @@ def test_backward_no_worse_than_fla(case, monkeypatch):
     ref = _run(case, {n: t.double() for n, t in x.items()}, True, monkeypatch)
     compared = [n for n in theirs if n.startswith("d") and n in ours]
     assert compared, "FLA's backward gave no gradient to compare"
-    for n in compared:
-        e_ours, e_fla = err_ratio(ref[n], ours[n]), err_ratio(ref[n], theirs[n])
-        assert e_ours <= 1.5 * e_fla + 1e-6, f"{n}: ours {e_ours:.2e} vs FLA {e_fla:.2e}"
+    _assert_no_worse(ref, ours, theirs, compared)
 
 
 def test_state_v_first_and_varlen_through_api(monkeypatch):
