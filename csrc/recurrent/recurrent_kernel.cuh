@@ -201,8 +201,9 @@ __device__ __forceinline__ float column_sum(float partial, float (*slot)[BV]) {
   return s;
 }
 
-// Row sums through shared memory: a warp's [32 columns][kRowPad] buffer, rows padded so that
-// both the 16-byte stores and the column reads below are free of bank conflicts.
+// Row sums through shared memory: a warp's [32 columns][kRowPad] buffer, each column's 16
+// rows padded to 20 floats so that both the 16-byte stores and the reads below are free of
+// bank conflicts.
 constexpr int kRowPad = 20;
 
 // Sum over the 32 columns of a warp for each of this thread's R rows; lane l ends with the
