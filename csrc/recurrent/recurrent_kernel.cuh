@@ -81,17 +81,40 @@ struct BlockCoord {
   int64_t blk;
 };
 
-// 32-bit index arithmetic: a tile index is below 2^31 (the launchers check), and 64-bit
-// divisions are subroutine calls that the persistent decode kernel made for every tile.
-__device__ __forceinline__ BlockCoord block_coord(const RecurrentParams& p, uint32_t tile) {
+// Division of 32-bit numbers below 2^31 by a divisor fixed at launch: a multiply-high, an
+// add and a shift (Granlund and Montgomery), with the magic number computed on the host.
+struct FastDiv {
+  uint32_t d = 1, mul = 0, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t divisor) : d(divisor) {
+    while ((uint64_t{1} << shift) < d) ++shift;
+    mul = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return (__umulhi(n, mul) + n) >> shift; }
+};
+
+// The divisors of a tile index: value tiles per head, value heads, value heads per key head.
+struct TileDivs {
+  FastDiv nv, hv, group;
+};
+
+inline TileDivs tile_divs(const RecurrentParams& p) {
+  return TileDivs{FastDiv(static_cast<uint32_t>(recurrent_value_tiles(p.V))), FastDiv(static_cast<uint32_t>(p.HV)),
+                  FastDiv(static_cast<uint32_t>(p.HV / p.H))};
+}
+
+// 32-bit index arithmetic: a tile index is below 2^31 (the launchers check). The persistent
+// decode kernel takes this for every tile, where a division was ~20 instructions (a 64-bit one
+// a subroutine call): it passes `divs`; the walk kernels, once a block, divide.
+__device__ __forceinline__ BlockCoord block_coord(const RecurrentParams& p, uint32_t tile, const TileDivs* divs = nullptr) {
   BlockCoord c;
-  const uint32_t NV = static_cast<uint32_t>(recurrent_value_tiles(p.V));
-  const uint32_t nh = tile / NV, HV = static_cast<uint32_t>(p.HV);
+  const uint32_t NV = static_cast<uint32_t>(recurrent_value_tiles(p.V)), HV = static_cast<uint32_t>(p.HV);
+  const uint32_t nh = divs ? divs->nv(tile) : tile / NV;
   c.blk = tile;
   c.vt = static_cast<int>(tile - nh * NV);
-  c.n = static_cast<int>(nh / HV);
+  c.n = static_cast<int>(divs ? divs->hv(nh) : nh / HV);
   c.hv = static_cast<int>(nh - static_cast<uint32_t>(c.n) * HV);
-  c.h = c.hv / (p.HV / p.H);
+  c.h = static_cast<int>(divs ? divs->group(static_cast<uint32_t>(c.hv)) : static_cast<uint32_t>(c.hv / (p.HV / p.H)));
   c.hg = p.gk_heads == p.HV ? c.hv : c.h;
   c.col = c.vt * BV + (threadIdx.x & 31);
   c.col_ok = c.col < p.V;
@@ -449,7 +472,7 @@ __device__ __forceinline__ void prefetch_state(const RecurrentParams& p, const B
 }
 
 template <typename T, int KMAX>
-__global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeMinBlocks) recurrent_decode_kernel(const RecurrentParams p) {
+__global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeMinBlocks) recurrent_decode_kernel(const RecurrentParams p, const TileDivs divs) {
   using L = Layout<KMAX>;
   constexpr int R = L::kRows, W = L::kWarps;
   extern __shared__ __align__(16) float s_states[];  // [kDecodeStages][KMAX][BV] initial states
@@ -464,7 +487,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeM
   auto issue = [&](uint32_t i, RawStepInputs<T>& in) {
     const uint32_t tile = blockIdx.x + i * G;
     if (tile < tiles) {
-      const BlockCoord c = block_coord(p, tile);
+      const BlockCoord c = block_coord(p, tile, &divs);
       in.load(p, c, c.n, false);  // T == 1: sequence n's token is row n
       if (p.h0) prefetch_state<KMAX>(p, c, state_buf(i));
     }
@@ -472,7 +495,7 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kDecodeM
   };
   // Tile i, whose loads were issued two tiles ago; then issue tile i + 2 into `in`.
   auto step = [&](uint32_t i, RawStepInputs<T>& in) {
-    const BlockCoord c = block_coord(p, blockIdx.x + i * G);
+    const BlockCoord c = block_coord(p, blockIdx.x + i * G, &divs);
     cp_async_wait<1>();  // all but tile i + 1's group: tile i's state has landed
     const StepInputs cur = in.convert(p);
     cur.stage<KMAX>(s_vec);
@@ -707,7 +730,7 @@ void launch_recurrent_fwd(const RecurrentParams& p, cudaStream_t stream) {
         if (dev >= 0 && dev < 64) resident[dev] = grid_cap;
       }
       const int64_t grid = std::min(blocks, grid_cap);
-      kernel<<<static_cast<unsigned>(grid), Layout<KMAX>::kThreads, smem, stream>>>(p);
+      kernel<<<static_cast<unsigned>(grid), Layout<KMAX>::kThreads, smem, stream>>>(p, tile_divs(p));
       FLA_CHECK_LAUNCH();
       return;
     }
