@@ -125,18 +125,28 @@ def test_long_sequence_fp16(fam):
 
 @pytest.mark.parametrize("fam", ["simple_gla", "gla", "gated_delta_rule", "iplr"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_varlen_states_reverse(fam, reverse):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_states_reverse(fam, reverse, dtype):
     lengths = [1, 17, 0, 40, 63]
-    x = make_inputs(fam, 1, sum(lengths), 2, 64, 32, torch.float32)
+    x = make_inputs(fam, 1, sum(lengths), 2, 64, 32, dtype)
     cu = make_cu_seqlens(lengths, device="cuda")
     h0 = torch.randn(len(lengths), 2, 64, 32, device="cuda")
-    check(run_both(fam, x, h0=h0, reverse=reverse, cu_seqlens=cu, scale=0.3), torch.float32)
+    check(run_both(fam, x, h0=h0, reverse=reverse, cu_seqlens=cu, scale=0.3), dtype)
 
 
 @pytest.mark.parametrize("fam", ["gated_delta_rule", "gated_delta_rule_gk"])
-def test_grouped_value_heads(fam):
-    x = make_inputs(fam, 2, 50, 2, 64, 64, torch.float32, HV=4)
-    check(run_both(fam, x, h0=torch.randn(2, 4, 64, 64, device="cuda")), torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_value_heads(fam, dtype):
+    x = make_inputs(fam, 2, 50, 2, 64, 64, dtype, HV=4)
+    check(run_both(fam, x, h0=torch.randn(2, 4, 64, 64, device="cuda")), dtype)
+
+
+@pytest.mark.parametrize("fam", ["simple_gla", "gla_gv", "delta_rule_beta_v", "dplr"])
+@pytest.mark.parametrize("K,V", [(128, 50), (64, 20)])
+def test_bf16_partial_value_tile(fam, K, V):
+    """bf16 at the common head dims, reversed, with V not a whole number of 32-column tiles."""
+    x = make_inputs(fam, 2, 37, 2, K, V, torch.bfloat16, seed=5)
+    check(run_both(fam, x, h0=torch.randn(2, 2, K, V, device="cuda"), reverse=True), torch.bfloat16)
 
 
 @pytest.mark.parametrize("fam", list(FAMILIES))
