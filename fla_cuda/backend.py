@@ -90,15 +90,26 @@ def use_cuda(op: str, x: torch.Tensor, *head_dims: int) -> bool:
     if forced_torch() or not x.is_cuda or not kernel_available(op):
         return False
     if not _extension.cuda_arch_supported(x.device):
+        # Once per GPU model: every op then runs the PyTorch path (e.g. a newer GPU than the
+        # wheel's sm_80 / sm_90a code, or a build whose _build_info.py is missing).
+        major, minor = torch.cuda.get_device_capability(x.device)
+        archs = _extension.build_info()["cuda_archs"]
+        built = f"built for sm_{', sm_'.join(archs)}" if archs else "fla_cuda/_build_info.py, which lists them, is missing"
+        _warn_once(("arch", major, minor),
+                   f"fla_cuda: the extension has no machine code for this GPU (sm_{major}{minor}; {built}); "
+                   "every op runs the (slower) PyTorch path")
         return False
     why = _outside_envelope(OPS[op], x, head_dims)
     if why is not None:
-        if (op, why) not in _warned:
-            _warned.add((op, why))
-            warnings.warn(f"fla_cuda: {op} has no CUDA kernel for {why}; running the (slower) PyTorch path",
-                          stacklevel=3)
+        _warn_once((op, why), f"fla_cuda: {op} has no CUDA kernel for {why}; running the (slower) PyTorch path")
         return False
     return True
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
 
 
 def describe(device: torch.device | str) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Cross-family API checks: exports, FLA 0.6 signatures, strided inputs, backend reporting."""
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -106,6 +107,25 @@ def test_describe_reports_every_op():
     table = backend.describe("cpu")
     assert set(table) == set(backend.OPS)
     assert all(v.startswith("pytorch") for v in table.values())
+
+
+def test_gpu_without_machine_code_warns_once(monkeypatch):
+    """A GPU the extension has no code for runs the PyTorch path, and says so once."""
+    class FakeCudaTensor:
+        is_cuda = True
+        device = torch.device("cuda", 0)
+        dtype = torch.bfloat16
+
+    monkeypatch.setattr(backend, "kernel_available", lambda op: True)
+    monkeypatch.setattr(backend._extension, "cuda_arch_supported", lambda device: False)
+    monkeypatch.setattr(backend._extension, "build_info", lambda: {"cuda_archs": []})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(UserWarning, match=r"no machine code for this GPU \(sm_120; .*_build_info.py.*missing"):
+        assert not backend.use_cuda("fused_recurrent_gla", FakeCudaTensor(), K, V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not backend.use_cuda("chunk_gla", FakeCudaTensor(), K, V)
 
 
 def test_forced_torch_backend(monkeypatch):
