@@ -149,6 +149,40 @@ def test_bf16_partial_value_tile(fam, K, V):
     check(run_both(fam, x, h0=torch.randn(2, 2, K, V, device="cuda"), reverse=True), torch.bfloat16)
 
 
+@pytest.mark.parametrize("fam", ["simple_gla", "gated_delta_rule", "gla", "dplr"])
+def test_walk_kernel_choice(fam):
+    """16-bit inputs at K = 64 / 128 without key gates or low-rank terms take the warp walk;
+    GLA and DPLR (and q, k rows that are not 16-byte aligned) the block kernel. Both give
+    the reference's results."""
+    from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
+    from tests.utils import cuda_kernel_names
+    x = make_inputs(fam, 2, 30, 2, 64, 64, torch.bfloat16, seed=6)
+    h0 = torch.randn(2, 2, 64, 64, device="cuda")
+    shifted = dict(x)
+    for n in ("q", "k"):  # views one element into their storage: rows 2 bytes off 16
+        flat = torch.empty(x[n].numel() + 1, device="cuda", dtype=x[n].dtype)
+        flat[1:] = x[n].flatten()
+        shifted[n] = flat[1:].view(x[n].shape)
+    delta = FAMILIES[fam].get("delta", False)
+    ref = {n: t.double() for n, t in x.items()}
+    ro, rht = recurrence_reference(ref["q"], ref["k"], ref["v"], delta=delta, scale=0.125,
+                                   initial_state=h0.double(), output_final_state=True,
+                                   **{n: t for n, t in ref.items() if n not in ("q", "k", "v")})
+    warp = fam in ("simple_gla", "gated_delta_rule")
+    for inputs, want in ((x, "recurrent_fwd_warp_kernel" if warp else "recurrent_fwd_kernel"),
+                         (shifted, "recurrent_fwd_kernel")):
+        def call():
+            return fused_recurrent_cuda(inputs["q"], inputs["k"], inputs["v"], delta=delta, scale=0.125,
+                                        initial_state=h0, output_final_state=True,
+                                        **{n: t for n, t in inputs.items() if n not in ("q", "k", "v")})
+        o, ht = call()
+        assert_close("o", ro, o, tol(torch.bfloat16))
+        assert_close("ht", rht, ht, tol(torch.bfloat16))
+        names = cuda_kernel_names(call)
+        assert any(want in n for n in names) and not any(
+            "recurrent_fwd_warp_kernel" in n for n in names if want != "recurrent_fwd_warp_kernel"), names
+
+
 @pytest.mark.parametrize("fam", list(FAMILIES))
 def test_decode_step(fam):
     """T = 1 with a large batch and a state in and out: the decoding shape."""
@@ -188,7 +222,7 @@ def test_decode_state_io(fam, case):
 
 def test_decode_kernel_choice():
     """The decode step runs the persistent decode kernel; an h0 its 16-byte copies cannot read
-    (a 4-byte offset) goes to the walk kernel."""
+    (a 4-byte offset) goes to a walk (here the warp walk: bf16, K = 128, no key gates)."""
     from fla_cuda.ops.recurrent_cuda import fused_recurrent_cuda
     from tests.utils import cuda_kernel_names
     x = make_inputs("simple_gla", 8, 1, 2, 128, 128, torch.bfloat16)
@@ -200,7 +234,7 @@ def test_decode_kernel_choice():
     aligned, unaligned = names(h0[:-1].view(8, 2, 128, 128)), names(h0[1:].view(8, 2, 128, 128))
     assert any("recurrent_decode_kernel" in n for n in aligned), aligned
     assert not any("recurrent_decode_kernel" in n for n in unaligned), unaligned
-    assert any("recurrent_fwd_kernel" in n for n in unaligned), unaligned
+    assert any("recurrent_fwd_warp_kernel" in n for n in unaligned), unaligned
 
 
 def test_decode_kernel_l2norm():

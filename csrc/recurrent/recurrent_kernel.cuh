@@ -9,6 +9,9 @@
 // (S^T q, S^T k, a^T S ...) are per-thread FMA chains, then a fixed-order sum across
 // warps in shared memory: deterministic.
 //
+// (16-bit inputs at K = 64 / 128 without key gates or low-rank terms take the warp walk of
+// recurrent_warp_walk.cuh forward instead: one warp per 8 value columns, sums by shuffles.)
+//
 // Backward: the forward saves S every kRecurrentCkpt steps. The backward walks the
 // segments from last to first: it replays a segment from its checkpoint, parking the
 // pre-step states in a per-block scratch buffer, then steps backwards through it with
@@ -706,6 +709,16 @@ inline int64_t checked_tile_count(const RecurrentParams& p) {
   return tiles;
 }
 
+}  // namespace recurrent
+}  // namespace fla
+
+// The forward walk of the families without key gates or low-rank terms at K = 64 / 128 (one
+// warp per 8 value columns, no block barriers): launch_recurrent_fwd prefers it.
+#include "recurrent/recurrent_warp_walk.cuh"
+
+namespace fla {
+namespace recurrent {
+
 template <typename T, int KMAX>
 void launch_recurrent_fwd(const RecurrentParams& p, cudaStream_t stream) {
   const int64_t blocks = checked_tile_count(p);
@@ -732,6 +745,12 @@ void launch_recurrent_fwd(const RecurrentParams& p, cudaStream_t stream) {
       const int64_t grid = std::min(blocks, grid_cap);
       kernel<<<static_cast<unsigned>(grid), Layout<KMAX>::kThreads, smem, stream>>>(p, tile_divs(p));
       FLA_CHECK_LAUNCH();
+      return;
+    }
+  }
+  if constexpr (warp_walk::kHas<T, KMAX>) {
+    if (warp_walk::takes(p, KMAX)) {
+      warp_walk::launch<T, KMAX>(p, stream);
       return;
     }
   }
