@@ -21,6 +21,8 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -101,8 +103,9 @@ struct TileDivs {
   FastDiv nv, hv, group;
 };
 
-inline TileDivs tile_divs(const RecurrentParams& p) {
-  return TileDivs{FastDiv(static_cast<uint32_t>(recurrent_value_tiles(p.V))), FastDiv(static_cast<uint32_t>(p.HV)),
+// `cols`: value columns a tile (BV here, the warp walk's 8).
+inline TileDivs tile_divs(const RecurrentParams& p, int cols = BV) {
+  return TileDivs{FastDiv(static_cast<uint32_t>((p.V + cols - 1) / cols)), FastDiv(static_cast<uint32_t>(p.HV)),
                   FastDiv(static_cast<uint32_t>(p.HV / p.H))};
 }
 
@@ -700,12 +703,14 @@ __global__ void __launch_bounds__(Layout<KMAX>::kThreads, Layout<KMAX>::kBwdMinB
   if (p.dh0) store_state<KMAX>(p.dh0 + state_off, ds, p, c);
 }
 
-// One block (walk kernels) or tile (decode) per (sequence, head, value tile): grid.x and
-// block_coord's 32-bit arithmetic hold below 2^31, which this checks before returning the count.
-inline int64_t checked_tile_count(const RecurrentParams& p) {
-  const int64_t tiles = static_cast<int64_t>(p.N) * p.HV * recurrent_value_tiles(p.V);
+// One block (walk kernels), tile (decode) or warp (warp walk) per (sequence, head, `cols`
+// value columns): grid.x and the kernels' 32-bit tile arithmetic hold below 2^31, which this
+// checks before returning the count.
+inline int64_t checked_tile_count(const RecurrentParams& p, int cols = BV) {
+  const int64_t tiles = static_cast<int64_t>(p.N) * p.HV * ((p.V + cols - 1) / cols);
   if (tiles >= (int64_t{1} << 31))
-    throw std::invalid_argument("fused_recurrent: batch * heads * ceil(V / 32) must be below 2^31");
+    throw std::invalid_argument("fused_recurrent: batch * heads * ceil(V / " + std::to_string(cols) +
+                                ") must be below 2^31");
   return tiles;
 }
 

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) recurrent_fwd_warp_kernel(cons
   constexpr int KR = KMAX / kGroups;
   const int lane = threadIdx.x & 31;
   const uint32_t tile = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  const uint32_t NV = static_cast<uint32_t>((p.V + kCols - 1) / kCols), HV = static_cast<uint32_t>(p.HV);
+  const uint32_t NV = divs.nv.d, HV = static_cast<uint32_t>(p.HV);  // value tiles a head
   if (tile >= static_cast<uint32_t>(p.N) * HV * NV) return;  // a whole warp: no barrier below
   const uint32_t nh = divs.nv(tile);
   const int vt = static_cast<int>(tile - nh * NV);
@@ -183,13 +183,10 @@ inline bool takes(const RecurrentParams& p, int kmax) {
 template <typename T, int KMAX>
 void launch(const RecurrentParams& p, cudaStream_t stream) {
   static_assert(kHas<T, KMAX>, "no warp walk for this instantiation");
-  const int64_t tiles = static_cast<int64_t>(p.N) * p.HV * ((p.V + kCols - 1) / kCols);
-  if (tiles >= (int64_t{1} << 31))
-    throw std::invalid_argument("fused_recurrent: batch * heads * ceil(V / 8) must be below 2^31");
+  const int64_t tiles = checked_tile_count(p, kCols);
   if (tiles == 0) return;
-  TileDivs divs = tile_divs(p);
-  divs.nv = FastDiv(static_cast<uint32_t>((p.V + kCols - 1) / kCols));
-  recurrent_fwd_warp_kernel<T, KMAX><<<static_cast<unsigned>((tiles + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(p, divs);
+  recurrent_fwd_warp_kernel<T, KMAX><<<static_cast<unsigned>((tiles + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(
+      p, tile_divs(p, kCols));
   FLA_CHECK_LAUNCH();
 }
 
