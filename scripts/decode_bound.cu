@@ -2,7 +2,11 @@
 // on B*H = 1024 heads of K = V = 128 fp32 states, in layouts that differ only in how a block
 // tiles the state, timed next to a plain float4 copy of the same bytes. Not part of the
 // extension: a measurement, run by hand on the GPU host.
-//   nvcc -O3 -arch=sm_90a -o /tmp/decode_bound scripts/decode_bound.cu && /tmp/decode_bound
+//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/decode_bound scripts/decode_bound.cu && /tmp/decode_bound
+// Each kernel is timed twice: launches back to back, and each launch right after a 256 MB
+// memset (do_bench's L2 flush, which leaves L2 full of dirty lines); the copies and the
+// persistent kernel also run with L2 evict_first hints on their loads (and stores). Not yet
+// run on a GPU with the flush and the hints (added in session 23, no device that session).
 //
 // H200, 2026-12-01 00:00Z (CUDA events around each launch, median of 200):
 //   copy (float4, 4 per thread)                  39.4-40.2 us  (3.34-3.41 TB/s)
@@ -25,6 +29,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #define CHECK(x)                                                                        \
@@ -48,19 +53,54 @@ struct Args {
   int heads;
 };
 
+// L2 eviction priority of a load or store (PTX createpolicy / .L2::cache_hint). After
+// do_bench's flush (a 256 MB memset) L2 holds ~50 MB of dirty lines; lines our streaming
+// loads bring in as evict_first are the victims of the next allocations in their set, so
+// fewer of the flush's dirty lines must be written back while the kernel runs.
+enum Policy { kNormal = 0, kLoadFirst = 1, kBothFirst = 2, kLoadFirstStoreCs = 3 };
+
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+template <int P>
+__device__ __forceinline__ float4 load4(const float4* src, uint64_t pol) {
+  if constexpr (P == kNormal) {
+    return *src;
+  } else {
+    float4 r;
+    asm volatile("ld.global.L1::no_allocate.L2::cache_hint.v4.f32 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(src), "l"(pol));
+    return r;
+  }
+}
+template <int P>
+__device__ __forceinline__ void store4(float4* dst, float4 r, uint64_t pol) {
+  if constexpr (P == kBothFirst) {
+    asm volatile("st.global.L2::cache_hint.v4.f32 [%0], {%1,%2,%3,%4}, %5;" ::"l"(dst), "f"(r.x), "f"(r.y), "f"(r.z), "f"(r.w), "l"(pol) : "memory");
+  } else if constexpr (P == kLoadFirstStoreCs) {
+    asm volatile("st.global.cs.v4.f32 [%0], {%1,%2,%3,%4};" ::"l"(dst), "f"(r.x), "f"(r.y), "f"(r.z), "f"(r.w) : "memory");
+  } else {
+    *dst = r;
+  }
+}
+
+template <int P = kNormal>
 __global__ void copy_kernel(const float4* __restrict__ src, float4* __restrict__ dst, int64_t n4) {
   constexpr int U = 4;
+  const uint64_t pol = P == kNormal ? 0 : evict_first_policy();
   const int64_t base = (static_cast<int64_t>(blockIdx.x) * blockDim.x * U) + threadIdx.x;
   float4 r[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int64_t i = base + u * blockDim.x;
-    if (i < n4) r[u] = src[i];
+    if (i < n4) r[u] = load4<P>(src + i, pol);
   }
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int64_t i = base + u * blockDim.x;
-    if (i < n4) dst[i] = r[u];
+    if (i < n4) store4<P>(dst + i, r[u], pol);
   }
 }
 
@@ -135,12 +175,16 @@ __device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes
   else
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem));
 }
+__device__ __forceinline__ void cp_async_first(void* smem, const void* gmem, uint64_t pol) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "l"(pol));
+}
 
 // Persistent blocks over (head, 32-column) tiles with a 3-stage cp.async pipeline (state and
 // inputs two tiles ahead), as the extension's decode kernel, with the family fixed at compile
 // time. VEC4: a thread owns 4 columns x 4 rows (16-byte shared reads and global stores);
 // else lane = column, warp = 16 rows (4-byte stores), as the extension's kernel.
-template <bool VEC4, int MINB>
+template <bool VEC4, int MINB, int P = kNormal>
 __global__ void __launch_bounds__(256, MINB) persistent_kernel(const Args a) {
   constexpr int BVT = 32, STAGES = 3, W = 8;
   extern __shared__ __align__(16) float s_dyn[];  // [STAGES][K][BVT]: 48 KB, beyond static shared memory
@@ -151,6 +195,7 @@ __global__ void __launch_bounds__(256, MINB) persistent_kernel(const Args a) {
   __shared__ float red[2][W][BVT];
   const uint32_t tiles = a.heads * (V / BVT), G = gridDim.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tid = threadIdx.x;
+  const uint64_t pol = P == kNormal ? 0 : evict_first_policy();
   auto issue = [&](uint32_t i) {
     const uint32_t tile = blockIdx.x + i * G;
     if (tile < tiles) {
@@ -159,7 +204,10 @@ __global__ void __launch_bounds__(256, MINB) persistent_kernel(const Args a) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int piece = tid + j * 256, r = piece / 8, c4 = (piece % 8) * 4;
-        cp_async(&s_h[st][r][c4], h0 + r * V + c4, 16);
+        if constexpr (P == kNormal)
+          cp_async(&s_h[st][r][c4], h0 + r * V + c4, 16);
+        else
+          cp_async_first(&s_h[st][r][c4], h0 + r * V + c4, pol);
       }
       if (tid < 32) cp_async(&s_qk[st][tid / 16][(tid % 16) * 8], (tid < 16 ? a.q : a.k) + head * K + (tid % 16) * 8, 16);
       else if (tid < 36) cp_async(&s_v[st][(tid - 32) * 8], a.v + head * V + vt * BVT + (tid - 32) * 8, 16);
@@ -196,7 +244,7 @@ __global__ void __launch_bounds__(256, MINB) persistent_kernel(const Args a) {
         part[1] += qr * h.y;
         part[2] += qr * h.z;
         part[3] += qr * h.w;
-        *reinterpret_cast<float4*>(ht + row * V + c4) = h;
+        store4<P>(reinterpret_cast<float4*>(ht + row * V + c4), h, pol);
       }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
@@ -214,7 +262,12 @@ __global__ void __launch_bounds__(256, MINB) persistent_kernel(const Args a) {
         const int row = warp * 16 + j;
         const float h = s_h[st][row][lane] * decay + __bfloat162float(s_qk[st][1][row]) * vc;
         part += __bfloat162float(s_qk[st][0][row]) * a.scale * h;
-        ht[row * V + lane] = h;
+        if constexpr (P == kBothFirst)
+          asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;" ::"l"(ht + row * V + lane), "f"(h), "l"(pol) : "memory");
+        else if constexpr (P == kLoadFirstStoreCs)
+          asm volatile("st.global.cs.f32 [%0], %1;" ::"l"(ht + row * V + lane), "f"(h) : "memory");
+        else
+          ht[row * V + lane] = h;
       }
       r[warp][lane] = part;
     }
@@ -229,13 +282,14 @@ __global__ void __launch_bounds__(256, MINB) persistent_kernel(const Args a) {
   asm volatile("cp.async.wait_group 0;\n" ::);
 }
 
-template <bool VEC4, int MINB>
+template <bool VEC4, int MINB, int P = kNormal>
 void launch_persistent(const Args& a, cudaStream_t st, int sms) {
   constexpr int smem = 3 * K * 32 * 4;
+  const auto kernel = persistent_kernel<VEC4, MINB, P>;
   int per_sm = 0;
-  CHECK(cudaFuncSetAttribute(persistent_kernel<VEC4, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel<VEC4, MINB>, 256, smem));
-  persistent_kernel<VEC4, MINB><<<sms * per_sm, 256, smem, st>>>(a);
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, smem));
+  kernel<<<sms * per_sm, 256, smem, st>>>(a);
 }
 
 template <int BVT, int THREADS, int MINB>
@@ -303,22 +357,31 @@ int main() {
     }
     std::printf("  %-28s max |ht err| %.2e, max rel o err %.2e\n", name, err_h, err_o);
   };
+  // do_bench's L2 flush: a 256 MB memset right before each timed launch.
+  constexpr size_t kFlushBytes = size_t(256) << 20;
+  void* flush_buf = nullptr;
+  CHECK(cudaMalloc(&flush_buf, kFlushBytes));
   auto time = [&](const char* name, auto&& launch, bool verify) {
     for (int i = 0; i < 5; ++i) launch(args[i % SETS]);
     CHECK(cudaStreamSynchronize(st));
     CHECK(cudaGetLastError());
     constexpr int reps = 200;
-    std::vector<float> ms(reps);
-    for (int i = 0; i < reps; ++i) {
-      CHECK(cudaEventRecord(e0, st));
-      launch(args[i % SETS]);
-      CHECK(cudaEventRecord(e1, st));
-      CHECK(cudaEventSynchronize(e1));
-      CHECK(cudaEventElapsedTime(&ms[i], e0, e1));
+    double med[2];
+    for (int flush = 0; flush < 2; ++flush) {
+      std::vector<float> ms(reps);
+      for (int i = 0; i < reps; ++i) {
+        if (flush) CHECK(cudaMemsetAsync(flush_buf, 0, kFlushBytes, st));
+        CHECK(cudaEventRecord(e0, st));
+        launch(args[i % SETS]);
+        CHECK(cudaEventRecord(e1, st));
+        CHECK(cudaEventSynchronize(e1));
+        CHECK(cudaEventElapsedTime(&ms[i], e0, e1));
+      }
+      std::sort(ms.begin(), ms.end());
+      med[flush] = ms[reps / 2] * 1e3;
     }
-    std::sort(ms.begin(), ms.end());
-    const double med = ms[reps / 2] * 1e3;
-    std::printf("%-34s %7.1f us  %5.2f TB/s (state read + written)\n", name, med, 2.0 * nstate * 4 / (med * 1e-6) / 1e12);
+    std::printf("%-40s %7.1f us  %5.2f TB/s   after an L2 flush %7.1f us  %5.2f TB/s\n", name, med[0],
+                2.0 * nstate * 4 / (med[0] * 1e-6) / 1e12, med[1], 2.0 * nstate * 4 / (med[1] * 1e-6) / 1e12);
     if (verify) {
       launch(args[0]);
       CHECK(cudaStreamSynchronize(st));
@@ -343,9 +406,20 @@ int main() {
   time("persistent lane=col, 4 blk/SM", [&](const Args& a) { launch_persistent<false, 4>(a, st, sms); }, true);
   time("persistent float4, 3 blk/SM", [&](const Args& a) { launch_persistent<true, 3>(a, st, sms); }, true);
   time("persistent float4, 4 blk/SM", [&](const Args& a) { launch_persistent<true, 4>(a, st, sms); }, true);
-  time("copy float4 x4/thread, 256 thr", [&](const Args& a) {
-    copy_kernel<<<static_cast<unsigned>((n4 + 1023) / 1024), 256, 0, st>>>(reinterpret_cast<const float4*>(a.h0),
-                                                                            reinterpret_cast<float4*>(a.ht), n4);
-  }, false);
+  // L2 eviction priorities (after the flush, the timing the bench reports).
+  auto copy_with = [&](auto policy) {
+    return [&, policy](const Args& a) {
+      copy_kernel<decltype(policy)::value><<<static_cast<unsigned>((n4 + 1023) / 1024), 256, 0, st>>>(
+          reinterpret_cast<const float4*>(a.h0), reinterpret_cast<float4*>(a.ht), n4);
+    };
+  };
+  time("copy, loads evict_first", copy_with(std::integral_constant<int, kLoadFirst>{}), false);
+  time("copy, loads + stores evict_first", copy_with(std::integral_constant<int, kBothFirst>{}), false);
+  time("copy, loads evict_first, stores .cs", copy_with(std::integral_constant<int, kLoadFirstStoreCs>{}), false);
+  time("persistent lane=col 3/SM, loads ev_first", [&](const Args& a) { launch_persistent<false, 3, kLoadFirst>(a, st, sms); }, true);
+  time("persistent lane=col 3/SM, both ev_first", [&](const Args& a) { launch_persistent<false, 3, kBothFirst>(a, st, sms); }, true);
+  time("persistent lane=col 3/SM, ld ev_first, st .cs", [&](const Args& a) { launch_persistent<false, 3, kLoadFirstStoreCs>(a, st, sms); }, true);
+  time("copy float4 x4/thread, 256 thr", copy_with(std::integral_constant<int, kNormal>{}), false);
+  CHECK(cudaFree(flush_buf));
   return 0;
 }
